@@ -1,0 +1,27 @@
+"""Errors a user can act on. Each carries a one-line message; the CLI prints it and exits non-zero."""
+
+
+class M3DError(Exception):
+    """Base class: a problem with the user's input or environment, never a bug."""
+
+    exit_code = 1
+
+
+class MeshError(M3DError):
+    """A mesh file that cannot be read or used (malformed, empty, degenerate, too large)."""
+
+    exit_code = 2
+
+
+class ModelLoadError(M3DError):
+    """An encoder checkpoint that cannot be loaded (offline hub id, bad directory, unknown family)."""
+
+
+class StoreBusyError(M3DError):
+    """Another process holds the store."""
+
+    exit_code = 3
+
+
+class StoreError(M3DError):
+    """The store refused an operation (unreachable server, incompatible collection, ...)."""
