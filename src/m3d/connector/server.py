@@ -1,0 +1,167 @@
+"""A Qdrant server (REST or gRPC, optional API key) through the official qdrant-client.
+
+`url=":memory:"` gives qdrant-client's in-process mode with the same API, which the tests use to run
+this code path without a server. Transient failures (connection refused, timeouts, 5xx) are retried
+with exponential backoff, then reported as one line; the API key never appears in messages.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterator, TypeVar
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from ..errors import StoreError
+from ..schemas import INDEXED_KEYWORDS
+from . import Hit, Record
+
+T = TypeVar("T")
+PAGE = 1024
+RETRIES = 5
+BACKOFF_S = 0.5
+
+
+def _public_location(url: str) -> str:
+    """The URL without user info, so nothing secret reaches the terminal or reports."""
+    if url == ":memory:":
+        return url
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+class ServerStore:
+    def __init__(self, url: str, *, api_key: str | None = None, prefer_grpc: bool = False,
+                 retries: int = RETRIES, backoff_s: float = BACKOFF_S):
+        from qdrant_client import QdrantClient
+
+        self.location = f"Qdrant server at {_public_location(url)}"
+        self._api_key = api_key
+        self._retries = retries
+        self._backoff_s = backoff_s
+        if url == ":memory:":
+            self.client = QdrantClient(location=":memory:")
+        else:
+            self.client = QdrantClient(url=url, api_key=api_key, prefer_grpc=prefer_grpc, timeout=30,
+                                       check_compatibility=False)
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """Run fn, retrying transient failures with exponential backoff."""
+        from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+        delay = self._backoff_s
+        for attempt in range(1, self._retries + 1):
+            try:
+                return fn()
+            except UnexpectedResponse as exc:
+                if exc.status_code is not None and exc.status_code < 500:
+                    raise StoreError(f"{self.location}: {what} refused: {self._clean(exc)}") from None
+                error = exc
+            except (ResponseHandlingException, ConnectionError, TimeoutError, OSError) as exc:
+                error = exc
+            except Exception as exc:  # grpc errors have no common import-free base
+                if type(exc).__module__.startswith("grpc"):
+                    error = exc
+                else:
+                    raise
+            if attempt < self._retries:
+                time.sleep(delay)
+                delay *= 2
+        raise StoreError(f"{self.location}: {what} failed after {self._retries} tries: {self._clean(error)}")
+
+    def _clean(self, exc: Exception) -> str:
+        text = (str(exc).splitlines() or [type(exc).__name__])[0]
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+    # -- collections -------------------------------------------------------------------------
+    def collections(self) -> list[str]:
+        return sorted(c.name for c in self._call("list collections", self.client.get_collections).collections)
+
+    def dim(self, name: str) -> int:
+        info = self._call(f"read collection {name}", lambda: self.client.get_collection(name))
+        return int(info.config.params.vectors.size)
+
+    def ensure_collection(self, name: str, dim: int) -> None:
+        from qdrant_client import models
+
+        if name in self.collections():
+            if self.dim(name) != dim:
+                raise StoreError(f"collection {name} holds {self.dim(name)}-d vectors, not {dim}-d")
+            return
+        self._call(
+            f"create collection {name}",
+            lambda: self.client.create_collection(
+                name, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE)
+            ),
+        )
+        for key in INDEXED_KEYWORDS:
+            self._call(
+                f"index {key} of {name}",
+                lambda key=key: self.client.create_payload_index(name, key, models.PayloadSchemaType.KEYWORD),
+            )
+
+    def drop_collection(self, name: str) -> None:
+        self._call(f"drop collection {name}", lambda: self.client.delete_collection(name))
+
+    # -- points ------------------------------------------------------------------------------
+    def upsert(self, name: str, ids: list[str], vectors: np.ndarray, payloads: list[dict]) -> None:
+        from qdrant_client import models
+
+        points = models.Batch(ids=list(ids), vectors=np.asarray(vectors, np.float32).tolist(), payloads=payloads)
+        self._call(f"upsert into {name}", lambda: self.client.upsert(name, points=points, wait=True))
+
+    def delete(self, name: str, ids: list[str]) -> None:
+        from qdrant_client import models
+
+        if ids:
+            selector = models.PointIdsList(points=list(ids))
+            self._call(f"delete from {name}", lambda: self.client.delete(name, points_selector=selector, wait=True))
+
+    def count(self, name: str) -> int:
+        return self._call(f"count {name}", lambda: self.client.count(name, exact=True)).count
+
+    def records(self, name: str, *, fields: list[str] | None = None, vectors: bool = False) -> Iterator[Record]:
+        offset = None
+        while True:
+            page, offset = self._call(
+                f"scroll {name}",
+                lambda offset=offset: self.client.scroll(
+                    name, offset=offset, limit=PAGE, with_payload=fields if fields else True, with_vectors=vectors
+                ),
+            )
+            for point in page:
+                vector = np.asarray(point.vector, np.float32) if vectors else None
+                yield Record(str(point.id), point.payload or {}, vector)
+            if offset is None:
+                return
+
+    def retrieve(self, name: str, ids: list[str]) -> list[Record]:
+        found = self._call(f"retrieve from {name}", lambda: self.client.retrieve(name, ids=list(ids)))
+        by_id = {str(p.id): Record(str(p.id), p.payload or {}) for p in found}
+        return [by_id[i] for i in ids if i in by_id]
+
+    def search(self, name: str, queries: np.ndarray, k: int, *, label: str | None = None) -> list[list[Hit]]:
+        from qdrant_client import models
+
+        flt = None
+        if label is not None:
+            flt = models.Filter(must=[models.FieldCondition(key="class", match=models.MatchValue(value=label))])
+        requests = [
+            models.QueryRequest(query=vec, limit=k, filter=flt, with_payload=True)
+            for vec in np.asarray(queries, np.float32).tolist()
+        ]
+        answers = self._call(f"search {name}", lambda: self.client.query_batch_points(name, requests=requests))
+        return [[Hit(str(p.id), float(p.score), p.payload or {}) for p in a.points] for a in answers]
+
+    def facet(self, name: str, key: str) -> dict[str, int]:
+        response = self._call(f"facet {name}", lambda: self.client.facet(name, key, limit=100_000, exact=True))
+        return {str(hit.value): int(hit.count) for hit in response.hits}
+
+    def flush(self) -> None:
+        """Writes are acknowledged with wait=True; nothing is buffered here."""
+
+    def close(self) -> None:
+        self.client.close()

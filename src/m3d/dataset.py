@@ -1,0 +1,135 @@
+"""Discovery: walk a folder of meshes, read class and split from the path, pick a subset.
+
+Accepts ModelNet's `<class>/<split>/<name>.off` and the plain `<class>/<name>.off`. Files with other
+endings are ignored (a README at the root is normal); mesh files that cannot be used as objects
+(too shallow, dangling links, loops) come back as skips with a reason so the sync report lists them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import M3DError
+
+#: Namespace of point ids: uuid5(POINT_NAMESPACE, relative path) is stable across machines and runs.
+POINT_NAMESPACE = uuid.UUID("6f1d8a52-3c1e-5b7a-9a7e-2f4c0d9e8b11")
+
+#: Mesh endings discovery picks up (kept in sync with what meshio reads).
+MESH_SUFFIXES = frozenset({".off", ".obj", ".ply", ".stl", ".glb", ".gltf"})
+
+KNOWN_SPLITS = frozenset({"train", "test", "val", "valid", "validation"})
+
+
+@dataclass(frozen=True)
+class MeshFile:
+    """One object to embed: where it is and what the path says about it."""
+
+    path: Path  # absolute path on this machine (never stored)
+    rel_path: str  # posix path relative to the synced root: the object's identity in the store
+    label: str  # class, from the first folder under the root
+    split: str | None  # train/test/... when the layout has a split folder
+
+    @property
+    def point_id(self) -> str:
+        return point_id(self.rel_path)
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A file that was not embedded, and why (one line)."""
+
+    rel_path: str
+    reason: str
+
+
+def point_id(rel_path: str) -> str:
+    """Deterministic point id: a re-run overwrites instead of duplicating."""
+    return str(uuid.uuid5(POINT_NAMESPACE, rel_path))
+
+
+def content_hash(path: Path) -> str:
+    """blake2b of the file bytes: what decides whether a known file changed."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def label_and_split(rel_parts: tuple[str, ...]) -> tuple[str, str | None] | None:
+    """Class and split from a path relative to the root, or None when the layout says neither."""
+    if len(rel_parts) < 2:
+        return None
+    label = rel_parts[0]
+    split = rel_parts[1] if len(rel_parts) >= 3 and rel_parts[1].lower() in KNOWN_SPLITS else None
+    return label, split
+
+
+def discover(
+    root: str | Path,
+    *,
+    classes: list[str] | None = None,
+    split: str | None = None,
+    per_class: int | None = None,
+    limit: int | None = None,
+) -> tuple[list[MeshFile], list[Skip]]:
+    """All mesh files under root (sorted by relative path), filtered the way the reference experiment
+    selected its subset: by class, by split, the first N per class by file name, then a global limit."""
+    root = Path(root)
+    if not root.is_dir():
+        raise M3DError(f"{root}: not a directory")
+    root = root.resolve()
+    wanted = {c.lower() for c in classes} if classes else None
+    files: list[MeshFile] = []
+    skips: list[Skip] = []
+    visited: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=None):
+        here = Path(dirpath)
+        try:
+            stat = here.stat()
+        except OSError:
+            continue
+        if (stat.st_dev, stat.st_ino) in visited:  # a directory symlink loop: walk each folder once
+            dirnames[:] = []
+            skips.append(Skip(here.relative_to(root).as_posix(), "directory symlink loop, not followed"))
+            continue
+        visited.add((stat.st_dev, stat.st_ino))
+        dirnames.sort()
+        for name in sorted(filenames):
+            suffix = Path(name).suffix.lower()
+            if suffix not in MESH_SUFFIXES:
+                continue
+            path = here / name
+            rel = path.relative_to(root)
+            rel_path = rel.as_posix()
+            parsed = label_and_split(rel.parts)
+            if parsed is None:
+                skips.append(Skip(rel_path, "mesh at the dataset root has no class folder"))
+                continue
+            label, file_split = parsed
+            if wanted is not None and label.lower() not in wanted:
+                continue
+            if split is not None and (file_split or "").lower() != split.lower():
+                continue
+            files.append(MeshFile(path=path, rel_path=rel_path, label=label, split=file_split))
+    files.sort(key=lambda f: f.rel_path)
+    if per_class is not None:
+        taken: dict[str, int] = {}
+        kept = []
+        for f in files:
+            if taken.get(f.label, 0) < per_class:
+                taken[f.label] = taken.get(f.label, 0) + 1
+                kept.append(f)
+        files = kept
+    if limit is not None:
+        files = files[:limit]
+    if wanted is not None:
+        found = {f.label.lower() for f in files}
+        missing = sorted(wanted - found)
+        if missing:
+            raise M3DError(f"no meshes found for class(es): {', '.join(missing)}")
+    return files, skips

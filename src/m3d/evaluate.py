@@ -1,0 +1,152 @@
+"""Retrieval quality per collection (the reference protocol) and Qdrant-vs-FAISS agreement.
+
+Every object queries its collection; its own point is excluded by id. precision@k is the fraction of
+the k nearest that share the query's class; mAP ranks the whole collection; recall@k compares
+Qdrant's answers with FAISS's exact ones for the same query vectors.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .store import Session
+
+PRECISION_AT = (5, 10)
+CHUNK = 1024
+
+
+@dataclass
+class CollectionEval:
+    collection: str
+    objects: int
+    classes: int
+    precision: dict[int, float]  # k -> mean precision@k
+    map: float
+    nn_accuracy: float
+    per_class: dict[str, dict[str, float]]  # class -> {"objects", "p@5", "p@10", "map"}
+    recall_k: int
+    recall: float  # mean recall@k of Qdrant against FAISS
+    recall_queries: int
+    latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # engine -> p50/p95/p99
+
+    def row(self) -> dict:
+        row = {"collection": self.collection, "objects": self.objects, "classes": self.classes}
+        row.update({f"p@{k}": round(v, 4) for k, v in self.precision.items()})
+        row.update({"map": round(self.map, 4), "nn_acc": round(self.nn_accuracy, 4),
+                    f"recall@{self.recall_k}": round(self.recall, 4)})
+        return row
+
+
+def ranking_metrics(vectors: np.ndarray, labels: np.ndarray, ks=PRECISION_AT) -> dict:
+    """precision@k, AP and nearest-neighbour hits for every row against all others (self excluded),
+    computed exactly on unit vectors in chunks so memory stays bounded."""
+    n = len(vectors)
+    max_k = min(max(ks), n - 1)
+    precision = {k: np.zeros(n) for k in ks}
+    ap = np.full(n, np.nan)
+    nn = np.zeros(n)
+    for lo in range(0, n, CHUNK):
+        hi = min(n, lo + CHUNK)
+        sims = vectors[lo:hi] @ vectors.T
+        sims[np.arange(hi - lo), np.arange(lo, hi)] = -np.inf  # never your own neighbour
+        order = np.argsort(-sims, axis=1, kind="stable")[:, : n - 1]
+        relevant = labels[order] == labels[lo:hi, None]
+        for k in ks:
+            precision[k][lo:hi] = relevant[:, : min(k, max_k)].mean(axis=1) if max_k else 0.0
+        nn[lo:hi] = relevant[:, 0] if n > 1 else 0.0
+        hits = np.cumsum(relevant, axis=1)
+        totals = relevant.sum(axis=1)
+        ranks = np.arange(1, n)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ap[lo:hi] = (relevant * hits / ranks).sum(axis=1) / totals
+    return {"precision": precision, "ap": ap, "nn": nn}
+
+
+def evaluate_collection(session: Session, name: str, *, recall_k: int = 10, recall_queries: int = 1000,
+                        latency_queries: int = 100) -> CollectionEval:
+    index = session.exact(name)
+    labels_by_id = {rec.id: rec.payload.get("class") for rec in session.vectors.records(name, fields=["class"])}
+    ids = index.ids
+    labels = np.array([str(labels_by_id.get(i)) for i in ids])
+    metrics = ranking_metrics(index.vectors, labels)
+    per_class = {}
+    for label in sorted(set(labels)):
+        mask = labels == label
+        per_class[label] = {"objects": int(mask.sum()),
+                            **{f"p@{k}": float(metrics["precision"][k][mask].mean()) for k in PRECISION_AT},
+                            "map": float(np.nanmean(metrics["ap"][mask])) if np.isfinite(metrics["ap"][mask]).any() else 0.0}
+
+    # Qdrant against FAISS on the same query vectors (self excluded from both answers).
+    sample = np.linspace(0, len(ids) - 1, num=min(recall_queries, len(ids)), dtype=int) if ids else np.array([], int)
+    queries = index.vectors[sample]
+    k = min(recall_k, len(ids) - 1)
+    recall = 1.0
+    if k > 0 and len(sample):
+        qdrant = session.vectors.search(name, queries, k + 1)
+        _, exact = index.search(queries, k + 1)
+        recalls = []
+        for row, q_hits, f_ids in zip(sample, qdrant, exact):
+            own = ids[row]
+            q_top = [h.id for h in q_hits if h.id != own][:k]
+            f_top = [i for i in f_ids if i != own][:k]
+            recalls.append(len(set(q_top) & set(f_top)) / k)
+        recall = float(np.mean(recalls))
+    return CollectionEval(
+        collection=name, objects=len(ids), classes=len(per_class),
+        precision={k_: float(metrics["precision"][k_].mean()) for k_ in PRECISION_AT},
+        map=float(np.nanmean(metrics["ap"])) if np.isfinite(metrics["ap"]).any() else 0.0,
+        nn_accuracy=float(metrics["nn"].mean()), per_class=per_class,
+        recall_k=recall_k, recall=recall, recall_queries=len(sample),
+        latency_ms=_latencies(session, name, index, queries[:latency_queries], k=recall_k),
+    )
+
+
+def _latencies(session: Session, name: str, index, queries: np.ndarray, k: int) -> dict[str, dict[str, float]]:
+    """Single-query latency percentiles, one query at a time as a user's `m3d query` would."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    timings: dict[str, list[float]] = {"qdrant": [], "faiss": []}
+    for vector in queries:
+        start = time.perf_counter()
+        session.vectors.search(name, vector[None], k)
+        timings["qdrant"].append((time.perf_counter() - start) * 1000)
+        start = time.perf_counter()
+        index.search(vector[None], k)
+        timings["faiss"].append((time.perf_counter() - start) * 1000)
+    return {engine: {f"p{p}": float(np.percentile(t, p)) for p in (50, 95, 99)} for engine, t in timings.items() if t}
+
+
+def evaluate(session: Session, collections: list[str] | None = None, **kwargs) -> list[CollectionEval]:
+    names = collections or session.collections()
+    for name in names:
+        session.require(name)
+    return [evaluate_collection(session, name, **kwargs) for name in names]
+
+
+def write_results(results: list[CollectionEval], out_dir: Path) -> list[Path]:
+    """eval.csv (one row per collection), eval_per_class.csv and eval.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = out_dir / "eval.csv"
+    rows = [r.row() for r in results]
+    with open(summary, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["collection"])
+        writer.writeheader()
+        writer.writerows(rows)
+    per_class = out_dir / "eval_per_class.csv"
+    with open(per_class, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["collection", "class", "objects", *[f"p@{k}" for k in PRECISION_AT], "map"])
+        for r in results:
+            for label, m in r.per_class.items():
+                writer.writerow([r.collection, label, m["objects"], *[round(m[f"p@{k}"], 4) for k in PRECISION_AT],
+                                 round(m["map"], 4)])
+    full = out_dir / "eval.json"
+    full.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    return [summary, per_class, full]
