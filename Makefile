@@ -1,0 +1,49 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo    install, then sync + query + eval on the embedded store with the weight-free encoder
+#   make test    install, then run the test suite
+# DATA defaults to the dev meshes beside the repo; without them the demo makes its own shapes.
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+M3D     := $(VENV)/bin/m3d
+DATA    ?= $(wildcard ../shared/datasets/lpsb)
+STORE   ?= .m3d
+ENCODERS ?= hog
+# torch is pinned first: an open torch requirement in a fresh environment pulls a 3 GB CUDA build.
+# On a CUDA machine install the CUDA torch build of your choice into $(VENV) before `make`.
+TORCH   ?= torch==2.13.0
+
+.PHONY: install system-deps demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: system-deps $(VENV)/.installed
+
+# EGL/GL runtime for the moderngl renderer (Mesa on CPU). Installs only what is missing.
+system-deps:
+	@if ! ldconfig -p | grep -q 'libEGL.so.1' || ! ls /usr/lib/*/dri/swrast_dri.so >/dev/null 2>&1; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	    libegl1 libgl1 libegl-mesa0 libgl1-mesa-dri >/dev/null; \
+	fi
+
+demo: install
+	@if [ -z "$(DATA)" ]; then $(M3D) samples out/shapes; fi
+	$(M3D) sync $(or $(DATA),out/shapes) --encoders $(ENCODERS) --store $(STORE); test $$? -le 4
+	$(M3D) query $$(find $(or $(DATA),out/shapes) -name '*.off' | sort | head -1) --k 5 --store $(STORE)
+	$(M3D) eval --store $(STORE) --report out/report
+	$(M3D) info --store $(STORE)
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+bench: install
+	$(PY) benchmarks/bench.py --data $(or $(DATA),out/shapes)
+
+clean:
+	rm -rf $(STORE) out
