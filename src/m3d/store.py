@@ -99,6 +99,24 @@ class Session:
             })
         return rows
 
+    def remember_root(self, dataset: str, root: Path) -> None:
+        """Where a dataset's files live on this machine (kept locally, never in a shared payload),
+        so figures and galleries can re-render stored objects on demand."""
+        roots = self.roots()
+        roots[dataset] = str(Path(root).resolve())
+        self.write_report("roots.json", roots)
+
+    def roots(self) -> dict[str, str]:
+        try:
+            return json.loads((self.reports_dir / "roots.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def source_path(self, payload: dict) -> Path | None:
+        """The local file of a stored object, when its dataset was synced from this machine."""
+        root = self.roots().get(payload.get("dataset", ""))
+        return Path(root) / payload["path"] if root and payload.get("path") else None
+
     def write_report(self, name: str, report: dict) -> Path:
         self.reports_dir.mkdir(parents=True, exist_ok=True)
         path = self.reports_dir / name

@@ -1,0 +1,346 @@
+"""The `m3d` command: a thin shell that parses options, calls the library and prints.
+
+Library errors (m3d.errors.M3DError) become one line on stderr and a non-zero exit; heavy libraries
+are imported inside commands so `m3d --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import M3DError
+
+app = typer.Typer(
+    help="Turn 3D meshes into search vectors and keep them in Qdrant.\n\n"
+    "  m3d sync ./ModelNet40 --encoders hog     ingest a folder (<class>/[<split>/]<name>.off)\n\n"
+    "  m3d query chair.off --k 5                nearest objects to a mesh\n\n"
+    "  m3d eval                                 precision per collection, Qdrant vs FAISS recall",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each stage's work to stderr.")] = False):
+    """Turn 3D meshes into search vectors and keep them in Qdrant."""
+    if verbose:
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+
+
+StoreOpt = Annotated[Path, typer.Option("--store", envvar="M3D_STORE", help="Store directory (embedded Qdrant, FAISS, reports).")]
+UrlOpt = Annotated[Optional[str], typer.Option("--qdrant-url", envvar="QDRANT_URL", help="Use a Qdrant server instead of the embedded store, e.g. http://localhost:6333.")]
+KeyOpt = Annotated[Optional[str], typer.Option("--qdrant-api-key", envvar="QDRANT_API_KEY", show_default=False, help="API key of the Qdrant server (never printed).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+DEFAULT_STORE = Path(".m3d")
+
+
+def friendly(command):
+    """Turn library errors into one line on stderr and the error's exit status."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except M3DError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted: run the same command again to finish the work", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _session(store: Path, url: str | None, api_key: str | None):
+    from .store import open_session
+
+    return open_session(store, url=url, api_key=api_key)
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _table(title: str, rows: list[dict]):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for key in rows[0] if rows else []:
+        table.add_column(str(key), justify="right" if isinstance(rows[0][key], (int, float)) else "left")
+    for row in rows:
+        table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()])
+    return table
+
+
+def _print(obj) -> None:
+    from rich.console import Console
+
+    Console().print(obj)
+
+
+@app.command()
+@friendly
+def sync(
+    root: Annotated[Path, typer.Argument(help="Folder of meshes: <class>/<split>/<name>.off or <class>/<name>.off")],
+    encoders: Annotated[str, typer.Option(help="Comma-separated: clip, dinov2, hog (weight-free), a Hugging Face id or a local checkpoint directory.")] = "clip,dinov2",
+    pools: Annotated[str, typer.Option(help="Comma-separated pools: mean, max, attn.")] = "mean,max,attn",
+    views: Annotated[int, typer.Option(min=1, help="Views on the horizontal ring.")] = 8,
+    elevation: Annotated[float, typer.Option(help="Camera elevation in degrees.")] = 20.0,
+    size: Annotated[int, typer.Option(min=16, help="Render size in pixels (square).")] = 224,
+    renderer: Annotated[str, typer.Option(help="moderngl (EGL; Mesa on CPU, NVIDIA on GPU) or raycast (Open3D, no GL).")] = "moderngl",
+    classes: Annotated[Optional[str], typer.Option(help="Only these classes (comma-separated).")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Only this split (train/test).")] = None,
+    per_class: Annotated[Optional[int], typer.Option(min=1, help="First N files per class, by name.")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="At most N files in all.")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="Render processes (0 = in this process). Default: cores - 1.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per encoder call. Default: per device.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cuda or cpu. Default: cuda when present.")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="fp32, fp16 or bf16. Default: fp16 on CUDA, bf16 on CPUs that have it.")] = None,
+    max_faces: Annotated[int, typer.Option(min=1, help="Refuse meshes with more faces than this.")] = 2_000_000,
+    rebuild: Annotated[bool, typer.Option(help="Replace collections built with other settings instead of refusing.")] = False,
+    store: StoreOpt = DEFAULT_STORE,
+    qdrant_url: UrlOpt = None,
+    qdrant_api_key: KeyOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Embed every mesh under ROOT into one collection per (encoder, pool); only missing or changed
+    files are rendered again, files gone from ROOT are removed.
+
+    Exit status: 0 all files handled, 4 some files skipped (listed in the report), 1 failure,
+    2 bad input, 3 store busy.
+
+    Example: m3d sync ../shared/datasets/lpsb --encoders hog
+    """
+    from .pipeline import SyncOptions
+    from .pipeline import sync as run_sync
+    from .render import ViewSettings
+
+    options = SyncOptions(
+        encoders=tuple(_csv(encoders) or []), pools=tuple(_csv(pools) or []),
+        view=ViewSettings(views=views, elevation=elevation, size=size), renderer=renderer, workers=workers,
+        batch_size=batch_size, device=device, precision=precision, max_faces=max_faces, rebuild=rebuild,
+    )
+    _check_names(options.pools)
+    with _session(store, qdrant_url, qdrant_api_key) as session, _progress(as_json) as progress:
+        report = run_sync(session, root, options, classes=_csv(classes), split=split, per_class=per_class,
+                          limit=limit, progress=progress)
+        report_path = session.reports_dir / "last-sync.json"
+        location = session.vectors.location
+    if as_json:
+        typer.echo(json.dumps(report.summary(), indent=2))
+    else:
+        s = report
+        _print(f"[bold]{s.discovered}[/] meshes: {s.added} added, {s.updated} updated, {s.unchanged} unchanged, "
+               f"{s.removed} removed, {len(s.skipped)} skipped  ({s.seconds:.1f} s, {s.objects_per_s:.1f} objects/s, "
+               f"bottleneck: {s.stages.bottleneck()})")
+        for skip in s.skipped[:10]:
+            _print(f"  skipped {skip['rel_path']}: {skip['reason']}")
+        if len(s.skipped) > 10:
+            _print(f"  ... {len(s.skipped) - 10} more")
+        _print(f"collections: {', '.join(s.collections)}\nstore: {location}\nreport: {report_path}")
+    raise typer.Exit(report.exit_status)
+
+
+def _check_names(pools) -> None:
+    from .pooling import POOLS
+
+    unknown = [p for p in pools if p not in POOLS]
+    if unknown or not pools:
+        raise M3DError(f"unknown pool(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(POOLS)}")
+
+
+class _progress:
+    """A rich progress bar fed by the pipeline's callback: objects/s and the busiest stage."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet or not sys.stderr.isatty()
+        self.bar = None
+
+    def __enter__(self):
+        if self.quiet:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("sync"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                            TimeRemainingColumn(), transient=True)
+        self.bar.__enter__()
+        self.task = self.bar.add_task("sync", total=None, info="")
+        return self.update
+
+    def update(self, done: int, total: int, report) -> None:
+        elapsed = max(self.bar.tasks[0].elapsed or 0.0, 1e-6)
+        info = f"{done / elapsed:.1f} obj/s, bottleneck: {report.stages.bottleneck()}"
+        self.bar.update(self.task, completed=done, total=total, info=info)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+@app.command()
+@friendly
+def query(
+    mesh: Annotated[Path, typer.Argument(help="A mesh file (.off .obj .ply .stl .glb)")],
+    k: Annotated[int, typer.Option("--k", min=1, help="How many neighbours.")] = 5,
+    collection: Annotated[Optional[str], typer.Option(help="Collection to search (default: the first *_mean one).")] = None,
+    label: Annotated[Optional[str], typer.Option("--class", help="Only neighbours of this class (payload filter).")] = None,
+    exact: Annotated[bool, typer.Option(help="Answer from the FAISS exact index instead of Qdrant.")] = False,
+    gallery: Annotated[Optional[Path], typer.Option(help="Also write the query and its neighbours as one PNG.")] = None,
+    store: StoreOpt = DEFAULT_STORE,
+    qdrant_url: UrlOpt = None,
+    qdrant_api_key: KeyOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Nearest stored objects to MESH, rendered and encoded with the collection's own settings.
+
+    Example: m3d query chair.off --k 5 --class Chair
+    """
+    from .search import query as run_query
+
+    with _session(store, qdrant_url, qdrant_api_key) as session:
+        result = run_query(session, mesh, collection=collection, k=k, label=label, exact=exact)
+        if gallery is not None:
+            from .report import query_gallery
+
+            query_gallery(session, result, mesh.name, gallery)
+    rows = [{"rank": i + 1, "score": h.score, "class": h.payload.get("class"), "path": h.payload.get("path")}
+            for i, h in enumerate(result.hits)]
+    if as_json:
+        typer.echo(json.dumps({"collection": result.collection, "engine": result.engine, "hits": rows}, indent=2))
+    else:
+        _print(_table(f"{mesh.name} in {result.collection} ({result.engine})", rows))
+        if gallery is not None:
+            _print(f"gallery: {gallery}")
+
+
+@app.command("eval")
+@friendly
+def eval_(
+    collection: Annotated[Optional[list[str]], typer.Option(help="Collection(s) to evaluate (default: all).")] = None,
+    recall_k: Annotated[int, typer.Option(min=1, help="k of Qdrant-vs-FAISS recall.")] = 10,
+    recall_queries: Annotated[int, typer.Option(min=1, help="Queries used for recall (spread over the collection).")] = 1000,
+    out: Annotated[Optional[Path], typer.Option(help="Where to write eval.csv / eval_per_class.csv / eval.json (default: STORE/eval).")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="Also write figures and index.html to this folder.")] = None,
+    queries: Annotated[Optional[str], typer.Option(help="With --report: relative paths of the gallery queries (comma-separated).")] = None,
+    store: StoreOpt = DEFAULT_STORE,
+    qdrant_url: UrlOpt = None,
+    qdrant_api_key: KeyOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Retrieval precision@5/@10, mAP and nearest-neighbour accuracy per collection (each object
+    queries all others), per class, and recall@k of Qdrant's answers against FAISS's exact ones."""
+    from dataclasses import asdict
+
+    from .evaluate import evaluate, write_results
+
+    with _session(store, qdrant_url, qdrant_api_key) as session:
+        results = evaluate(session, collection, recall_k=recall_k, recall_queries=recall_queries)
+        files = write_results(results, out or store / "eval")
+        if report is not None:
+            from .report import write_report
+
+            files.append(write_report(session, results, report, queries=_csv(queries)))
+    if not results:
+        raise M3DError("no collections to evaluate: run `m3d sync DIR` first")
+    if as_json:
+        typer.echo(json.dumps([asdict(r) for r in results], indent=2))
+        return
+    _print(_table("retrieval quality (self excluded)", [r.row() for r in results]))
+    for path in files:
+        _print(f"wrote {path}")
+
+
+@app.command()
+@friendly
+def info(
+    store: StoreOpt = DEFAULT_STORE,
+    qdrant_url: UrlOpt = None,
+    qdrant_api_key: KeyOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Collections, point counts, classes and pipeline settings, and where the store is."""
+    with _session(store, qdrant_url, qdrant_api_key) as session:
+        rows = []
+        for name in session.collections():
+            fp = session.fingerprint(name)
+            classes = session.vectors.facet(name, "class")
+            rows.append({"collection": name, "points": session.vectors.count(name), "dim": session.vectors.dim(name),
+                         "classes": len(classes), "encoder": fp.model_id if fp else "",
+                         "views": fp.views if fp else "", "size": fp.resolution if fp else "",
+                         "renderer": fp.renderer if fp else ""})
+        location = session.vectors.location
+    if as_json:
+        typer.echo(json.dumps({"store": location, "collections": rows}, indent=2))
+        return
+    _print(f"store: {location}")
+    _print(_table("collections", rows) if rows else "no collections yet: run `m3d sync DIR`")
+
+
+@app.command()
+@friendly
+def check(
+    repair: Annotated[bool, typer.Option(help="Rebuild FAISS indexes that are out of step with Qdrant.")] = False,
+    store: StoreOpt = DEFAULT_STORE,
+    qdrant_url: UrlOpt = None,
+    qdrant_api_key: KeyOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Verify the store: per collection, Qdrant and FAISS hold the same points under one fingerprint."""
+    with _session(store, qdrant_url, qdrant_api_key) as session:
+        rows = session.check(repair=repair)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        _print(_table("store check", rows) if rows else "no collections")
+    if not all(r["ok"] for r in rows):
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly
+def render(
+    mesh: Annotated[Path, typer.Argument(help="A mesh file")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="PNG strip of all views.")] = Path("strip.png"),
+    views: Annotated[int, typer.Option(min=1)] = 8,
+    elevation: float = 20.0,
+    size: Annotated[int, typer.Option(min=16)] = 224,
+    renderer: str = "moderngl",
+):
+    """Render MESH the way sync does and write the views side by side: see what the encoder sees."""
+    from .meshio import load_mesh
+    from .render import ViewSettings, create_renderer, save_strip
+
+    loaded = load_mesh(mesh)
+    engine = create_renderer(renderer, ViewSettings(views=views, elevation=elevation, size=size))
+    try:
+        save_strip(engine.render(loaded), output)
+    finally:
+        engine.close()
+    _print(f"wrote {output} ({views} views, {size}px, {renderer})")
+
+
+@app.command()
+@friendly
+def samples(
+    output: Annotated[Path, typer.Argument(help="Folder to write the synthetic dataset to.")],
+    per_class: Annotated[int, typer.Option(min=1, help="Meshes per shape class.")] = 8,
+    seed: int = 0,
+):
+    """Write a small synthetic dataset (primitive shapes in 6 classes, ModelNet layout) to try m3d
+    without downloading anything: m3d samples ./shapes && m3d sync ./shapes --encoders hog"""
+    from .samples import write_samples
+
+    paths = write_samples(output, per_class=per_class, seed=seed)
+    _print(f"wrote {len(paths)} meshes to {output}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,142 @@
+"""The whole path on real meshes and real stores: sync, incremental re-sync, fingerprints, bad files,
+query (Qdrant and FAISS), eval, and the server code path through qdrant-client's in-process mode."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from m3d.dataset import point_id
+from m3d.errors import StoreError
+from m3d.evaluate import evaluate
+from m3d.pipeline import EXIT_SKIPPED, SyncOptions, sync
+from m3d.render import ViewSettings
+from m3d.search import query
+from m3d.store import open_session
+
+from helpers import make_tree
+
+CLASSES = {"Airplane": 3, "Chair": 3, "Cup": 3}
+HOG = SyncOptions(encoders=("hog",), workers=0)
+
+
+@pytest.fixture
+def tree(lpsb, tmp_path):
+    return make_tree(lpsb, tmp_path / "meshes", CLASSES, copy=True)
+
+
+def _state(session):
+    """Per collection: {point id: (path, content hash)} and the FAISS ids."""
+    out = {}
+    for name in session.collections():
+        points = {r.id: (r.payload["path"], r.payload["content_hash"]) for r in session.vectors.records(name)}
+        out[name] = (points, sorted(session.exact(name).ids))
+    return out
+
+
+def test_sync_query_eval_and_incremental(tree, tmp_path):
+    with open_session(tmp_path / "store") as session:
+        report = sync(session, tree, HOG)
+        assert (report.added, report.unchanged, report.skipped) == (9, 0, [])
+        assert report.collections == ["m3d_hog_attn", "m3d_hog_max", "m3d_hog_mean"]
+        for name in report.collections:
+            assert session.vectors.count(name) == 9
+            assert sorted(session.exact(name).ids) == sorted(r.id for r in session.vectors.records(name))
+            assert session.vectors.facet(name, "class") == {"Airplane": 3, "Chair": 3, "Cup": 3}
+        payload = next(iter(session.vectors.retrieve("m3d_hog_mean", [point_id("Chair/train/101.off")]))).payload
+        assert payload["class"] == "Chair" and payload["split"] == "train" and payload["path"] == "Chair/train/101.off"
+        assert payload["pipeline"] == {"encoder": "hog", "model_id": payload["pipeline"]["model_id"], "pool": "mean",
+                                       "views": 8, "elevation": 20.0, "resolution": 224, "renderer": "moderngl"}
+        assert payload["faces"] > 1000 and len(payload["content_hash"]) == 32
+
+        # a stored mesh finds itself first, from Qdrant and from FAISS, and the class filter holds
+        mesh = tree / "Chair" / "train" / "101.off"
+        for exact in (False, True):
+            result = query(session, mesh, collection="m3d_hog_mean", k=3, exact=exact)
+            assert result.hits[0].id == point_id("Chair/train/101.off")
+            assert result.hits[0].score == pytest.approx(1.0, abs=1e-3)
+            filtered = query(session, mesh, collection="m3d_hog_max", k=3, label="Cup", exact=exact)
+            assert [h.payload["class"] for h in filtered.hits] == ["Cup"] * 3
+        results = {r.collection: r for r in evaluate(session)}
+        assert set(results) == set(report.collections)
+        assert all(r.recall == 1.0 and r.objects == 9 for r in results.values())
+        before = _state(session)
+
+        # unchanged: nothing is rendered again
+        again = sync(session, tree, HOG)
+        assert (again.added, again.updated, again.unchanged, again.removed) == (0, 0, 9, 0)
+        assert again.stages.render == 0 and again.stages.encode == 0
+        assert _state(session) == before
+
+        # change one file (same path, other content), delete one, add one
+        changed = tree / "Cup" / "train" / "21.off"
+        shutil.copyfile(tree / "Airplane" / "train" / "61.off", changed)
+        (tree / "Chair" / "train" / "102.off").unlink()
+        shutil.copyfile(tree / "Chair" / "train" / "101.off", tree / "Chair" / "train" / "999.off")
+        third = sync(session, tree, HOG)
+        assert (third.added, third.updated, third.unchanged, third.removed) == (1, 1, 7, 1)
+        after = _state(session)
+        for name in report.collections:
+            points, faiss_ids = after[name]
+            assert len(points) == 9 and sorted(points) == faiss_ids
+            assert point_id("Chair/train/102.off") not in points
+            assert points[point_id("Cup/train/21.off")][1] != before[name][0][point_id("Cup/train/21.off")][1]
+        moved = query(session, changed, collection="m3d_hog_mean", k=2, exact=True)
+        assert {h.payload["path"] for h in moved.hits} == {"Cup/train/21.off", "Airplane/train/61.off"}
+
+
+def test_other_settings_are_refused_unless_rebuild(tree, tmp_path):
+    with open_session(tmp_path / "store") as session:
+        sync(session, tree, SyncOptions(encoders=("hog",), pools=("mean",), workers=0))
+        four_views = SyncOptions(encoders=("hog",), pools=("mean",), workers=0, view=ViewSettings(views=4))
+        with pytest.raises(StoreError, match=r"views: 8 -> 4.*--rebuild"):
+            sync(session, tree, four_views)
+        assert session.vectors.count("m3d_hog_mean") == 9  # nothing lost by the refusal
+        rebuilt = sync(session, tree, SyncOptions(**{**four_views.__dict__, "rebuild": True}))
+        assert rebuilt.added == 9
+        assert session.fingerprint("m3d_hog_mean").views == 4
+
+
+def test_bad_files_are_recorded_and_the_rest_is_stored(tree, tmp_path):
+    (tree / "Cup" / "train" / "bad.off").write_text("OFF\n3 1 0\n0 0 0\n1 1\n")
+    (tree / "Cup" / "train" / "empty.off").write_bytes(b"")
+    with open_session(tmp_path / "store") as session:
+        report = sync(session, tree, HOG)
+        assert report.exit_status == EXIT_SKIPPED
+        reasons = {s["rel_path"]: s["reason"] for s in report.skipped}
+        assert set(reasons) == {"Cup/train/bad.off", "Cup/train/empty.off"}
+        assert "empty" in reasons["Cup/train/empty.off"]
+        assert session.vectors.count("m3d_hog_mean") == 9
+
+        # a stored file that turns bad is skipped and its stale vector removed, not left answering
+        (tree / "Chair" / "train" / "101.off").write_text("OFF\n1 0 0\n")
+        second = sync(session, tree, HOG)
+        assert {s["rel_path"] for s in second.skipped} >= {"Chair/train/101.off"}
+        assert session.vectors.count("m3d_hog_mean") == 8
+        assert len(session.exact("m3d_hog_mean").ids) == 8
+
+
+def test_server_code_path_gives_the_same_vectors(tree, tmp_path):
+    options = SyncOptions(encoders=("hog",), pools=("attn",), workers=0)
+    with open_session(tmp_path / "embedded") as session:
+        sync(session, tree, options)
+        embedded = {r.id: r.vector for r in session.vectors.records("m3d_hog_attn", vectors=True)}
+    with open_session(tmp_path / "server", url=":memory:") as session:
+        assert session.vectors.location == "Qdrant server at :memory:"
+        sync(session, tree, options)
+        served = {r.id: r.vector for r in session.vectors.records("m3d_hog_attn", vectors=True)}
+        assert session.vectors.facet("m3d_hog_attn", "class") == {"Airplane": 3, "Chair": 3, "Cup": 3}
+    assert embedded.keys() == served.keys()
+    for pid in embedded:
+        np.testing.assert_allclose(embedded[pid], served[pid], atol=1e-5)
+
+
+def test_render_workers_give_the_same_vectors_as_in_process(tree, tmp_path):
+    vectors = {}
+    for workers in (0, 2):
+        with open_session(tmp_path / f"w{workers}") as session:
+            sync(session, tree, SyncOptions(encoders=("hog",), pools=("mean",), workers=workers))
+            vectors[workers] = {r.id: r.vector for r in session.vectors.records("m3d_hog_mean", vectors=True)}
+    assert vectors[0].keys() == vectors[2].keys()
+    for pid in vectors[0]:
+        np.testing.assert_allclose(vectors[0][pid], vectors[2][pid], atol=1e-6)
