@@ -315,10 +315,10 @@ def render(
     renderer: str = "moderngl",
 ):
     """Render MESH the way sync does and write the views side by side: see what the encoder sees."""
-    from .meshio import load_mesh
     from .render import ViewSettings, create_renderer, save_strip
+    from .search import load_named
 
-    loaded = load_mesh(mesh)
+    loaded = load_named(mesh)
     engine = create_renderer(renderer, ViewSettings(views=views, elevation=elevation, size=size))
     try:
         save_strip(engine.render(loaded), output)

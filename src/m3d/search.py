@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from .connector import Hit
-from .errors import StoreError
-from .meshio import load_mesh
+from .errors import MeshError, StoreError
+from .meshio import Mesh, load_mesh
 from .render import ViewSettings, create_renderer
 from .schemas import Fingerprint
 from .store import Session
@@ -24,9 +24,17 @@ class QueryResult:
     views: np.ndarray  # the query's renders, for galleries
 
 
+def load_named(mesh_path: Path) -> Mesh:
+    """load_mesh for a file the user named: the error says which file."""
+    try:
+        return load_mesh(mesh_path)
+    except MeshError as exc:
+        raise MeshError(f"{mesh_path}: {exc}") from None
+
+
 def render_views(mesh_path: Path, fp: Fingerprint) -> np.ndarray:
     """The query mesh rendered exactly as the collection's objects were."""
-    mesh = load_mesh(mesh_path)
+    mesh = load_named(mesh_path)
     renderer = create_renderer(fp.renderer, ViewSettings(views=fp.views, elevation=fp.elevation, size=fp.resolution))
     try:
         return renderer.render(mesh)

@@ -1,0 +1,122 @@
+"""The CLI as a user meets it: exit statuses, one-line errors, JSON output, and a busy store."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from m3d.cli import app
+
+from helpers import make_tree
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def synced(lpsb, tmp_path_factory):
+    base = tmp_path_factory.mktemp("cli")
+    tree = make_tree(lpsb, base / "meshes", {"Bird": 3, "Fish": 3})
+    store = base / "store"
+    result = runner.invoke(app, ["sync", str(tree), "--encoders", "hog", "--pools", "mean,max", "--workers", "0",
+                                 "--store", str(store), "--json"])
+    assert result.exit_code == 0, result.output
+    return tree, store, json.loads(result.stdout)
+
+
+def test_sync_json_summary(synced):
+    _, _, summary = synced
+    assert summary["added"] == 6 and summary["skipped"] == 0 and summary["exit_status"] == 0
+    assert summary["collections"] == ["m3d_hog_max", "m3d_hog_mean"]
+
+
+def test_query_json_and_table(synced):
+    tree, store, _ = synced
+    mesh = str(tree / "Fish" / "train" / "221.off")
+    out = runner.invoke(app, ["query", mesh, "--k", "3", "--store", str(store), "--json"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.stdout)
+    assert data["collection"] == "m3d_hog_mean" and data["engine"] == "qdrant"
+    assert data["hits"][0]["path"] == "Fish/train/221.off" and len(data["hits"]) == 3
+    exact = json.loads(runner.invoke(app, ["query", mesh, "--k", "3", "--exact", "--store", str(store), "--json"]).stdout)
+    assert [h["path"] for h in exact["hits"]] == [h["path"] for h in data["hits"]]
+    birds = json.loads(runner.invoke(app, ["query", mesh, "--class", "Bird", "--collection", "m3d_hog_max",
+                                           "--store", str(store), "--json"]).stdout)
+    assert {h["class"] for h in birds["hits"]} == {"Bird"}
+    table = runner.invoke(app, ["query", mesh, "--store", str(store)])
+    assert "Fish/train/221.off" in table.stdout
+
+
+def test_bad_query_mesh_is_one_line_exit_2(synced, tmp_path):
+    _, store, _ = synced
+    bad = tmp_path / "broken.off"
+    bad.write_text("OFF\n10 10 0\n1 2 3\n")
+    out = runner.invoke(app, ["query", str(bad), "--store", str(store)])
+    assert out.exit_code == 2
+    assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1 and "broken.off" in out.stderr
+    missing = runner.invoke(app, ["query", str(tmp_path / "nope.off"), "--store", str(store)])
+    assert missing.exit_code == 2 and "nope.off" in missing.stderr
+
+
+def test_info_check_eval_render(synced, tmp_path):
+    tree, store, _ = synced
+    info = json.loads(runner.invoke(app, ["info", "--store", str(store), "--json"]).stdout)
+    assert [(c["collection"], c["points"], c["classes"]) for c in info["collections"]] == [
+        ("m3d_hog_max", 6, 2), ("m3d_hog_mean", 6, 2)]
+    check = runner.invoke(app, ["check", "--store", str(store), "--json"])
+    assert check.exit_code == 0 and all(row["in_step"] for row in json.loads(check.stdout))
+    out_dir = tmp_path / "eval"
+    ev = runner.invoke(app, ["eval", "--store", str(store), "--out", str(out_dir), "--json"])
+    assert ev.exit_code == 0, ev.output
+    rows = json.loads(ev.stdout)
+    assert {r["collection"] for r in rows} == {"m3d_hog_max", "m3d_hog_mean"}
+    assert (out_dir / "eval.csv").read_text().splitlines()[0].startswith("collection,objects,classes,p@5,p@10,map")
+    strip = tmp_path / "strip.png"
+    rendered = runner.invoke(app, ["render", str(tree / "Bird" / "train" / "242.off"), "-o", str(strip), "--views", "4"])
+    assert rendered.exit_code == 0, rendered.output
+    assert Image.open(strip).size == (4 * 224, 224)
+
+
+def test_unknown_encoder_and_pool_are_clear(synced, tmp_path):
+    tree, _, _ = synced
+    out = runner.invoke(app, ["sync", str(tree), "--encoders", "hog", "--pools", "median", "--store", str(tmp_path / "s")])
+    assert out.exit_code != 0 and "median" in out.stderr and "mean" in out.stderr
+    out = runner.invoke(app, ["sync", str(tmp_path / "missing"), "--encoders", "hog", "--store", str(tmp_path / "s")])
+    assert out.exit_code == 1 and "not a directory" in out.stderr
+
+
+def test_faiss_repair(synced):
+    _, store, _ = synced
+    (store / "faiss" / "m3d_hog_max.faiss").unlink()
+    broken = runner.invoke(app, ["check", "--store", str(store), "--json"])
+    assert broken.exit_code == 1
+    assert {r["collection"]: r["in_step"] for r in json.loads(broken.stdout)}["m3d_hog_max"] is False
+    fixed = runner.invoke(app, ["check", "--repair", "--store", str(store), "--json"])
+    assert fixed.exit_code == 0
+    assert runner.invoke(app, ["check", "--store", str(store)]).exit_code == 0
+
+
+def test_query_during_sync_says_busy(lpsb, tmp_path):
+    tree = make_tree(lpsb, tmp_path / "meshes", {"Hand": 6})
+    store = tmp_path / "store"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    sync = subprocess.Popen([sys.executable, "-m", "m3d.cli", "-v", "sync", str(tree), "--encoders", "hog",
+                             "--workers", "0", "--store", str(store)], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in sync.stderr:
+            if "plan:" in line:
+                break
+        start = time.monotonic()
+        query = subprocess.run([sys.executable, "-m", "m3d.cli", "query", str(tree / "Hand" / "train" / "181.off"),
+                                "--store", str(store)], capture_output=True, text=True, env=env, timeout=60)
+        assert query.returncode == 3
+        assert "busy" in query.stderr and f"pid {sync.pid}" in query.stderr and query.stderr.count("\n") == 1
+        assert time.monotonic() - start < 30  # it answers without waiting for the sync
+    finally:
+        sync.stderr.read()
+        sync.wait(timeout=120)
+    assert sync.returncode == 0
