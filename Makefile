@@ -26,10 +26,10 @@ install: system-deps $(VENV)/.installed
 
 # EGL/GL runtime for the moderngl renderer (Mesa on CPU). Installs only what is missing.
 system-deps:
-	@if ! ldconfig -p | grep -q 'libEGL.so.1' || ! ls /usr/lib/*/dri/swrast_dri.so >/dev/null 2>&1; then \
+	@if ! ldconfig -p | grep -q libEGL.so.1 || ! ldconfig -p | grep -q libusb-1.0.so.0 || ! ls /usr/lib/*/dri/swrast_dri.so >/dev/null 2>&1; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
-	    libegl1 libgl1 libegl-mesa0 libgl1-mesa-dri >/dev/null; \
+	    libegl1 libgl1 libegl-mesa0 libgl1-mesa-dri libusb-1.0-0 >/dev/null; \
 	fi
 
 demo: install
