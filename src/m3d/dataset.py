@@ -14,12 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import M3DError
+from .meshio import MESH_EXTENSIONS
 
 #: Namespace of point ids: uuid5(POINT_NAMESPACE, relative path) is stable across machines and runs.
 POINT_NAMESPACE = uuid.UUID("6f1d8a52-3c1e-5b7a-9a7e-2f4c0d9e8b11")
-
-#: Mesh endings discovery picks up (kept in sync with what meshio reads).
-MESH_SUFFIXES = frozenset({".off", ".obj", ".ply", ".stl", ".glb", ".gltf"})
 
 KNOWN_SPLITS = frozenset({"train", "test", "val", "valid", "validation"})
 
@@ -101,7 +99,7 @@ def discover(
         dirnames.sort()
         for name in sorted(filenames):
             suffix = Path(name).suffix.lower()
-            if suffix not in MESH_SUFFIXES:
+            if suffix not in MESH_EXTENSIONS:
                 continue
             path = here / name
             rel = path.relative_to(root)
