@@ -327,12 +327,12 @@ def test_hog_is_skimage_hog(renders: np.ndarray) -> None:
     assert (enc.name, enc.model_id, enc.dim, enc.precision) == ("hog", "hog:ppc8-cpb2-o9-s64", 1764, "fp32")
     images = renders[[0, 3, 8, 13]]
     gray = enc.gray(images)
-    assert gray.shape == (4, 128, 128)
+    assert gray.shape == (4, 64, 64)
     mine = enc.encode(images)
     assert mine.shape == (4, 1764)
     torch.testing.assert_close(mine, hog_descriptor(gray, enc.params))
     ref = np.stack([
-        hog(g.astype(np.float64), orientations=9, pixels_per_cell=(16, 16), cells_per_block=(2, 2), block_norm="L2-Hys")
+        hog(g.astype(np.float64), orientations=9, pixels_per_cell=(8, 8), cells_per_block=(2, 2), block_norm="L2-Hys")
         for g in gray.numpy()
     ])
     diff = np.abs(mine.numpy() - ref)
@@ -346,7 +346,7 @@ def test_hog_gray_and_resize_match_references(renders: np.ndarray) -> None:
     from PIL import Image
     from skimage.color import rgb2gray
 
-    enc = load_encoder("hog")
+    enc = load_encoder("hog:ppc16-cpb2-o9-s128")
     small = np.stack([np.asarray(Image.fromarray(im).resize((128, 128), Image.BILINEAR)) for im in renders[:4]])
     # at 128 px no resize happens: the grey conversion alone equals skimage's rgb2gray
     np.testing.assert_allclose(enc.gray(small).numpy(), rgb2gray(small), atol=1e-6)
