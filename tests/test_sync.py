@@ -140,3 +140,21 @@ def test_render_workers_give_the_same_vectors_as_in_process(tree, tmp_path):
     assert vectors[0].keys() == vectors[2].keys()
     for pid in vectors[0]:
         np.testing.assert_allclose(vectors[0][pid], vectors[2][pid], atol=1e-6)
+
+
+def test_damaged_vector_is_reported_and_reembedded(tree, tmp_path):
+    options = SyncOptions(encoders=("hog",), pools=("mean",), workers=0)
+    with open_session(tmp_path / "store") as session:
+        sync(session, tree, options)
+        pid = point_id("Cup/train/22.off")
+        record = session.vectors.retrieve("m3d_hog_mean", [pid])[0]
+        good = {r.id: r.vector for r in session.vectors.records("m3d_hog_mean", vectors=True)}[pid]
+        session.vectors.upsert("m3d_hog_mean", [pid], np.zeros((1, len(good)), np.float32), [record.payload])
+        [row] = session.check()
+        assert (row["damaged_vectors"], row["ok"]) == (1, False)
+        again = sync(session, tree, options)
+        assert (again.added, again.unchanged) == (1, 8)
+        [row] = session.check()
+        assert (row["damaged_vectors"], row["ok"]) == (0, True)
+        fixed = {r.id: r.vector for r in session.vectors.records("m3d_hog_mean", vectors=True)}[pid]
+        np.testing.assert_allclose(fixed, good, atol=1e-6)

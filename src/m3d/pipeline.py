@@ -29,7 +29,7 @@ from .errors import M3DError, StoreError
 from .meshio import DEFAULT_MAX_FACES, load_mesh
 from .render import ViewSettings, coverage, create_renderer
 from .schemas import SYNC_FIELDS, Fingerprint, collection_name, object_payload
-from .store import Session
+from .store import Session, is_unit
 
 log = logging.getLogger("m3d")
 
@@ -416,7 +416,13 @@ def _prepare_collections(session: Session, targets: dict, rebuild: bool) -> dict
                                      "run again with --rebuild to replace it")
                 session.drop(name)
         session.vectors.ensure_collection(name, encoder.dim)
-        known[name] = {rec.id: rec.payload for rec in session.vectors.records(name, fields=SYNC_FIELDS)}
+        known[name] = {}
+        for rec in session.vectors.records(name, fields=SYNC_FIELDS, vectors=True):
+            if is_unit(rec.vector):
+                known[name][rec.id] = rec.payload
+            else:  # every stored vector is unit length; anything else is damage: embed it again
+                log.warning("%s: point %s (%s) has a damaged vector; it will be embedded again",
+                            name, rec.id, rec.payload.get("path"))
     return known
 
 

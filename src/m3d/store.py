@@ -16,6 +16,14 @@ from .errors import StoreError
 from .schemas import COLLECTION_PREFIX, Fingerprint
 
 
+def is_unit(vector: np.ndarray | None, tol: float = 1e-3) -> bool:
+    """Stored vectors are L2-normalised: a zero or non-finite one means damage, not data."""
+    if vector is None:
+        return False
+    norm = float(np.linalg.norm(vector))
+    return np.isfinite(norm) and abs(norm - 1.0) <= tol
+
+
 @dataclass
 class Session:
     """An open store: use as a context manager so the lock and the engine are released."""
@@ -75,13 +83,15 @@ class Session:
         ExactIndex.remove(self.exact_dir, name)
 
     def check(self, repair: bool = False) -> list[dict]:
-        """Per collection: Qdrant count, FAISS count, whether they hold the same ids, fingerprints seen."""
+        """Per collection: Qdrant count, FAISS count, whether they hold the same ids, fingerprints seen,
+        and vectors that are not unit length (damage a re-run of `m3d sync` re-embeds)."""
         rows = []
         for name in self.collections():
-            ids, prints = [], set()
-            for rec in self.vectors.records(name, fields=["pipeline"]):
+            ids, prints, damaged = [], set(), 0
+            for rec in self.vectors.records(name, fields=["pipeline"], vectors=True):
                 ids.append(rec.id)
                 prints.add(json.dumps(rec.payload.get("pipeline"), sort_keys=True))
+                damaged += not is_unit(rec.vector)
             index = ExactIndex.load(self.exact_dir, name)
             in_step = index is not None and ids_digest(index.ids) == ids_digest(ids)
             repaired = False
@@ -95,7 +105,8 @@ class Session:
                 "in_step": in_step,
                 "repaired": repaired,
                 "fingerprints": len(prints),
-                "ok": in_step and len(prints) <= 1,
+                "damaged_vectors": damaged,
+                "ok": in_step and len(prints) <= 1 and damaged == 0,
             })
         return rows
 
