@@ -15,3 +15,13 @@ def lpsb() -> Path:
     if not LPSB.is_dir():
         pytest.skip(f"dev dataset not found at {LPSB}")
     return LPSB
+
+
+@pytest.fixture(scope="session")
+def ckpts(tmp_path_factory) -> dict[str, Path]:
+    """Tiny randomly initialised CLIP and DINOv2 checkpoints saved to disk: loaded through the same
+    load_encoder(path) code as hub checkpoints (no hub is reachable in tests)."""
+    from m3d.encoders import save_random_checkpoint
+
+    root = tmp_path_factory.mktemp("ckpt")
+    return {fam: save_random_checkpoint(fam, root / f"tiny-{fam}") for fam in ("clip", "dinov2")}

@@ -51,12 +51,6 @@ def renders(lpsb: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("ckpt")
-    return {fam: save_random_checkpoint(fam, root / f"tiny-{fam}") for fam in ("clip", "dinov2")}
-
-
-@pytest.fixture(scope="session")
 def encoders(ckpts: dict[str, Path]) -> dict[str, object]:
     return {fam: load_encoder(str(path), precision="fp32") for fam, path in ckpts.items()}
 

@@ -158,3 +158,33 @@ def test_damaged_vector_is_reported_and_reembedded(tree, tmp_path):
         assert (row["damaged_vectors"], row["ok"]) == (0, True)
         fixed = {r.id: r.vector for r in session.vectors.records("m3d_hog_mean", vectors=True)}[pid]
         np.testing.assert_allclose(fixed, good, atol=1e-6)
+
+
+def test_neural_encoders_from_checkpoint_directories(tree, tmp_path, ckpts):
+    """Tiny random CLIP and DINOv2 checkpoints through the whole path: one collection per
+    (encoder, pool), named after the checkpoint directory, with the model's own dimension."""
+    options = SyncOptions(encoders=(str(ckpts["clip"]), str(ckpts["dinov2"])), pools=("mean", "attn"), workers=0,
+                          precision="fp32")
+    with open_session(tmp_path / "store") as session:
+        report = sync(session, tree, options)
+        assert report.collections == ["m3d_tiny_clip_attn", "m3d_tiny_clip_mean", "m3d_tiny_dinov2_attn",
+                                      "m3d_tiny_dinov2_mean"]
+        assert session.fingerprint("m3d_tiny_clip_mean").model_id == str(ckpts["clip"])
+        dims = {name: session.vectors.dim(name) for name in report.collections}
+        assert len(set(dims.values())) == 2  # CLIP projection dim vs DINOv2 hidden size
+        for name in report.collections:
+            assert session.vectors.count(name) == 9
+        result = query(session, tree / "Airplane" / "train" / "62.off", collection="m3d_tiny_dinov2_attn", k=1)
+        assert result.hits[0].payload["path"] == "Airplane/train/62.off"
+        assert result.hits[0].score == pytest.approx(1.0, abs=1e-4)
+        assert sync(session, tree, options).unchanged == 9
+
+
+def test_uncached_hub_model_fails_at_once_and_stores_nothing(tree, tmp_path, monkeypatch):
+    from m3d.errors import ModelLoadError
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    with open_session(tmp_path / "store") as session:
+        with pytest.raises(ModelLoadError, match=r"not available offline.*hog"):
+            sync(session, tree, SyncOptions(workers=0))  # defaults: clip + dinov2 from the hub
+        assert session.collections() == []
