@@ -291,7 +291,7 @@ _OFFLINE_SCRIPT = textwrap.dedent(
 
 
 def test_uncached_hub_id_fails_at_once_without_network(tmp_path: Path, ckpts: dict) -> None:
-    """No HF_HUB_OFFLINE in the environment: m3d itself must not touch the network (a fresh process)."""
+    """No HF_HUB_OFFLINE in the environment and no network: one quick probe, then a one-line error."""
     unset = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "M3D_ALLOW_DOWNLOAD", "HF_HUB_CACHE")
     env = {k: v for k, v in os.environ.items() if k not in unset}
     env["HF_HOME"] = str(tmp_path / "hf")
@@ -306,7 +306,7 @@ def test_uncached_hub_id_fails_at_once_without_network(tmp_path: Path, ckpts: di
     assert msg and "\n" not in msg
     assert "facebook/dinov2-small" in msg and "not available offline" in msg
     assert "huggingface-cli download facebook/dinov2-small" in msg and "`hog`" in msg and "local checkpoint" in msg
-    assert result["attempts"] == []  # no connection was even tried
+    assert len(result["attempts"]) <= 1  # at most one reachability probe, no download retries
     cached = (result["name"], result["model_id"], result["shape"])
     assert cached == ("m3d_test_tiny_dinov2", "m3d-test/tiny-dinov2", [1, 32])
 
