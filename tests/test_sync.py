@@ -100,12 +100,19 @@ def test_other_settings_are_refused_unless_rebuild(tree, tmp_path):
 def test_bad_files_are_recorded_and_the_rest_is_stored(tree, tmp_path):
     (tree / "Cup" / "train" / "bad.off").write_text("OFF\n3 1 0\n0 0 0\n1 1\n")
     (tree / "Cup" / "train" / "empty.off").write_bytes(b"")
+    (tree / "Cup" / "train" / "dangling.off").symlink_to(tmp_path / "nowhere.off")
+    (tree / "Cup" / "train" / "loop_a.off").symlink_to(tree / "Cup" / "train" / "loop_b.off")
+    (tree / "Cup" / "train" / "loop_b.off").symlink_to(tree / "Cup" / "train" / "loop_a.off")
+    (tree / "Cup" / "train" / "notes.txt").write_text("not a mesh")
     with open_session(tmp_path / "store") as session:
         report = sync(session, tree, HOG)
         assert report.exit_status == EXIT_SKIPPED
         reasons = {s["rel_path"]: s["reason"] for s in report.skipped}
-        assert set(reasons) == {"Cup/train/bad.off", "Cup/train/empty.off"}
+        assert set(reasons) == {"Cup/train/bad.off", "Cup/train/empty.off", "Cup/train/dangling.off",
+                                "Cup/train/loop_a.off", "Cup/train/loop_b.off"}
         assert "empty" in reasons["Cup/train/empty.off"]
+        assert "symbolic links" in reasons["Cup/train/loop_a.off"] or "loop" in reasons["Cup/train/loop_a.off"]
+        assert all("\n" not in r for r in reasons.values())
         assert session.vectors.count("m3d_hog_mean") == 9
 
         # a stored file that turns bad is skipped and its stale vector removed, not left answering
