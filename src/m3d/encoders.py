@@ -512,36 +512,32 @@ def _transformers_quiet() -> Any:
     return quiet()
 
 
+def _from_pretrained(load: Any, source: _Source, what: str, **kwargs: Any) -> Any:
+    """Call a from_pretrained with one-line errors: offline hub ids say how to fix it."""
+    try:
+        with _transformers_quiet():
+            return load(source.location, local_files_only=source.local_only, **kwargs)
+    except OSError as e:
+        if not source.is_dir and source.local_only:
+            raise ModelLoadError(_offline_message(source.location)) from e
+        raise ModelLoadError(f"{source.model_id}: cannot load the {what}: {_one_line(e)}") from e
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise ModelLoadError(f"{source.model_id}: cannot load the {what}: {_one_line(e)}") from e
+
+
 def _load_processor(source: _Source) -> Any:
     import transformers
     from transformers import AutoImageProcessor
 
     # Only the settings are read, so the PIL variant (no torchvision needed) is as good as any.
     kwargs: dict[str, Any] = {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {}
-    try:
-        with _transformers_quiet():
-            return AutoImageProcessor.from_pretrained(source.location, local_files_only=source.local_only, **kwargs)
-    except OSError as e:
-        if not source.is_dir and source.local_only:
-            raise ModelLoadError(_offline_message(source.location)) from e
-        raise ModelLoadError(f"{source.model_id}: cannot load the image processor config: {_one_line(e)}") from e
-    except (ValueError, KeyError, TypeError) as e:
-        raise ModelLoadError(f"{source.model_id}: bad preprocessor_config.json: {_one_line(e)}") from e
+    return _from_pretrained(AutoImageProcessor.from_pretrained, source, "image processor config", **kwargs)
 
 
 def _load_model(family: Family, source: _Source) -> Any:
     import transformers
 
-    cls = getattr(transformers, family.model_class)
-    try:
-        with _transformers_quiet():
-            return cls.from_pretrained(source.location, local_files_only=source.local_only)
-    except OSError as e:
-        if not source.is_dir and source.local_only:
-            raise ModelLoadError(_offline_message(source.location)) from e
-        raise ModelLoadError(f"{source.model_id}: cannot load the weights: {_one_line(e)}") from e
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise ModelLoadError(f"{source.model_id}: cannot load the weights: {_one_line(e)}") from e
+    return _from_pretrained(getattr(transformers, family.model_class).from_pretrained, source, "weights")
 
 
 class HFEncoder:
