@@ -4,6 +4,7 @@ it, and the sync reports. Everything a command needs is opened here, once, under
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,17 +55,29 @@ class Session:
             return Fingerprint.from_payload(rec.payload["pipeline"])
         return None
 
+    def _stale_marker(self, name: str) -> Path:
+        return self.exact_dir / f"{name}.stale"
+
+    def mark_stale(self, name: str) -> None:
+        """Say, durably and before Qdrant changes, that the FAISS index no longer describes it: a
+        crash between the Qdrant writes and the rebuild then cannot leave old vectors looking current."""
+        marker = self._stale_marker(name)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        with open(marker, "w") as handle:
+            os.fsync(handle.fileno())
+
     def exact(self, name: str) -> ExactIndex:
-        """The FAISS index of a collection, rebuilt from Qdrant first if it is missing or out of step."""
+        """The FAISS index of a collection, rebuilt from Qdrant first if it is missing or stale."""
         index = ExactIndex.load(self.exact_dir, name)
-        if index is None or index.dim != self.vectors.dim(name) or len(index.ids) != self.vectors.count(name):
+        if index is None or self._stale_marker(name).exists() or index.dim != self.vectors.dim(name) \
+                or len(index.ids) != self.vectors.count(name):
             index = self.refresh_exact(name)
         return index
 
     def refresh_exact(self, name: str, known_ids: list[str] | None = None) -> ExactIndex:
-        """Rebuild a collection's FAISS index from what Qdrant holds (skipped when the saved one
-        already holds exactly known_ids)."""
-        if known_ids is not None:
+        """Rebuild a collection's FAISS index from what Qdrant holds (skipped when the saved one is not
+        marked stale and already holds exactly known_ids)."""
+        if known_ids is not None and not self._stale_marker(name).exists():
             saved = ExactIndex.load(self.exact_dir, name)
             if saved is not None and ids_digest(saved.ids) == ids_digest(known_ids):
                 return saved
@@ -76,24 +89,28 @@ class Session:
         matrix = np.stack(vectors) if vectors else np.zeros((0, dim), np.float32)
         index = ExactIndex(ids, matrix)
         index.save(self.exact_dir, name)
+        self._stale_marker(name).unlink(missing_ok=True)
         return index
 
     def drop(self, name: str) -> None:
         self.vectors.drop_collection(name)
         ExactIndex.remove(self.exact_dir, name)
+        self._stale_marker(name).unlink(missing_ok=True)
 
     def check(self, repair: bool = False) -> list[dict]:
         """Per collection: Qdrant count, FAISS count, whether they hold the same ids, fingerprints seen,
         and vectors that are not unit length (damage a re-run of `m3d sync` re-embeds)."""
         rows = []
         for name in self.collections():
-            ids, prints, damaged = [], set(), 0
+            ids, vectors, prints, damaged = [], [], set(), 0
             for rec in self.vectors.records(name, fields=["pipeline"], vectors=True):
                 ids.append(rec.id)
+                vectors.append(rec.vector)
                 prints.add(json.dumps(rec.payload.get("pipeline"), sort_keys=True))
                 damaged += not is_unit(rec.vector)
             index = ExactIndex.load(self.exact_dir, name)
-            in_step = index is not None and ids_digest(index.ids) == ids_digest(ids)
+            in_step = (not self._stale_marker(name).exists() and index is not None
+                       and _same_rows(index, ids, vectors))
             repaired = False
             if repair and not in_step:
                 index = self.refresh_exact(name)
@@ -149,9 +166,22 @@ class Session:
         self.close()
 
 
-def open_session(store_dir: Path, *, url: str | None = None, api_key: str | None = None) -> Session:
-    """Lock the store directory, then open its Qdrant backend (embedded unless url is given)."""
+def _same_rows(index: ExactIndex, ids: list[str], vectors: list[np.ndarray]) -> bool:
+    """FAISS holds exactly these ids, each with the same vector as Qdrant."""
+    if ids_digest(index.ids) != ids_digest(ids):
+        return False
+    row_of = {pid: row for row, pid in enumerate(index.ids)}
+    return all(np.allclose(index.vectors[row_of[pid]], vec, atol=1e-5) for pid, vec in zip(ids, vectors))
+
+
+def open_session(store_dir: Path, *, url: str | None = None, api_key: str | None = None,
+                 create: bool = True) -> Session:
+    """Lock the store directory, then open its Qdrant backend (embedded unless url is given).
+    create=False (commands that only read) refuses a store directory that does not exist yet, so a
+    mistyped --store says so instead of leaving an empty store behind."""
     store_dir = Path(store_dir)
+    if not create and url is None and not store_dir.is_dir():
+        raise StoreError(f"no store at {store_dir}: run `m3d sync DIR --store {store_dir}` first, or pass --store")
     lock = StoreLock(store_dir).__enter__()
     try:
         vectors = open_store(store_dir, url=url, api_key=api_key)

@@ -1,13 +1,12 @@
 """FAISS flat inner-product index per collection: exact answers to validate Qdrant's.
 
-Derived data: built from the vectors Qdrant holds, written atomically (temp file + rename) together
-with its id list and a manifest, so a crash never leaves a half-written index behind.
+Derived data: built from the vectors Qdrant holds and written atomically (one file: index + ids), so a
+crash never leaves a half-written index behind; the store marks it stale before Qdrant changes.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,28 +46,29 @@ class ExactIndex:
         return scores, [[self.ids[r] for r in row if r >= 0] for row in rows]
 
     def save(self, directory: Path, name: str) -> None:
+        """One file (the serialised FAISS index and its ids together), replaced atomically: a crash
+        leaves either the old pair or the new one, never new rows with old ids."""
         import faiss
 
         directory.mkdir(parents=True, exist_ok=True)
-        base = directory / name
-        tmp_index, tmp_ids = base.with_suffix(".faiss.tmp"), base.with_suffix(".ids.tmp")
-        faiss.write_index(self.index, str(tmp_index))
-        tmp_ids.write_text(json.dumps(self.ids))
-        _fsync(tmp_index)
-        _fsync(tmp_ids)
-        os.replace(tmp_index, base.with_suffix(".faiss"))
-        os.replace(tmp_ids, base.with_suffix(".ids.json"))
+        target = directory / f"{name}.faiss.npz"
+        tmp = directory / f"{name}.faiss.npz.tmp"
+        with open(tmp, "wb") as handle:
+            np.savez(handle, index=faiss.serialize_index(self.index), ids=np.array(self.ids, dtype="U36"))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
 
     @classmethod
     def load(cls, directory: Path, name: str) -> "ExactIndex | None":
-        """The saved index, or None when there is none or its two files disagree."""
+        """The saved index, or None when there is none or it cannot be read."""
         import faiss
 
-        base = directory / name
         try:
-            index = faiss.read_index(str(base.with_suffix(".faiss")))
-            ids = json.loads(base.with_suffix(".ids.json").read_text())
-        except (OSError, RuntimeError, ValueError):
+            with np.load(directory / f"{name}.faiss.npz") as data:
+                index = faiss.deserialize_index(data["index"])
+                ids = [str(i) for i in data["ids"]]
+        except (OSError, RuntimeError, ValueError, KeyError):
             return None
         if index.ntotal != len(ids):
             return None
@@ -77,10 +77,4 @@ class ExactIndex:
 
     @staticmethod
     def remove(directory: Path, name: str) -> None:
-        for suffix in (".faiss", ".ids.json"):
-            (directory / name).with_suffix(suffix).unlink(missing_ok=True)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
+        (directory / f"{name}.faiss.npz").unlink(missing_ok=True)
