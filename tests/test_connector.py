@@ -20,7 +20,7 @@ def _points(n=60, dim=16, seed=0):
     rng = np.random.default_rng(seed)
     vectors = rng.normal(size=(n, dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    ids = [point_id(f"c{i % 3}/obj_{i}.off") for i in range(n)]
+    ids = [point_id("d", f"c{i % 3}/obj_{i}.off") for i in range(n)]
     payloads = [{"class": f"c{i % 3}", "split": None, "path": f"c{i % 3}/obj_{i}.off", "dataset": "d"} for i in range(n)]
     return ids, vectors, payloads
 

@@ -27,7 +27,8 @@ def test_discover_modelnet_and_plain_layouts(tmp_path):
         "table/train/table_0001.OFF"]
     assert [(f.label, f.split) for f in files][:2] == [("Cup", None), ("chair", "test")]
     assert [s.rel_path for s in skips] == ["stray.off"]
-    assert files[0].point_id == point_id("Cup/3.off") != point_id("cup/3.off")
+    assert files[0].point_id == point_id("ds", "Cup/3.off") != point_id("ds", "cup/3.off") != point_id("other", "Cup/3.off")
+    assert discover(root, dataset="renamed")[0][0].point_id == point_id("renamed", "Cup/3.off")
 
     train = discover(root, split="train", per_class=1)[0]
     assert [f.rel_path for f in train] == ["chair/train/chair_0001.off", "table/train/table_0001.OFF"]

@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import M3DError
+from .errors import UsageError
 from .meshio import MESH_EXTENSIONS
 
 #: Namespace of point ids: uuid5(POINT_NAMESPACE, relative path) is stable across machines and runs.
@@ -27,13 +27,14 @@ class MeshFile:
     """One object to embed: where it is and what the path says about it."""
 
     path: Path  # absolute path on this machine (never stored)
-    rel_path: str  # posix path relative to the synced root: the object's identity in the store
+    rel_path: str  # posix path relative to the synced root
     label: str  # class, from the first folder under the root
     split: str | None  # train/test/... when the layout has a split folder
+    dataset: str  # the collection of files it belongs to (default: the root folder's name)
 
     @property
     def point_id(self) -> str:
-        return point_id(self.rel_path)
+        return point_id(self.dataset, self.rel_path)
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,11 @@ class Skip:
     reason: str
 
 
-def point_id(rel_path: str) -> str:
-    """Deterministic point id: a re-run overwrites instead of duplicating."""
-    return str(uuid.uuid5(POINT_NAMESPACE, rel_path))
+def point_id(dataset: str, rel_path: str) -> str:
+    """Deterministic point id from the dataset name and the path inside it: a re-run overwrites
+    instead of duplicating, and two datasets with the same relative paths (ModelNet10 and
+    ModelNet40 share chair/train/chair_0001.off) never overwrite each other."""
+    return str(uuid.uuid5(POINT_NAMESPACE, f"{dataset}/{rel_path}"))
 
 
 def content_hash(path: Path) -> str:
@@ -74,13 +77,15 @@ def discover(
     split: str | None = None,
     per_class: int | None = None,
     limit: int | None = None,
+    dataset: str | None = None,
 ) -> tuple[list[MeshFile], list[Skip]]:
     """All mesh files under root (sorted by relative path), filtered the way the reference experiment
     selected its subset: by class, by split, the first N per class by file name, then a global limit."""
     root = Path(root)
     if not root.is_dir():
-        raise M3DError(f"{root}: not a directory")
+        raise UsageError(f"{root}: not a directory")
     root = root.resolve()
+    dataset = dataset or root.name
     wanted = {c.lower() for c in classes} if classes else None
     files: list[MeshFile] = []
     skips: list[Skip] = []
@@ -113,8 +118,12 @@ def discover(
                 continue
             if split is not None and (file_split or "").lower() != split.lower():
                 continue
-            files.append(MeshFile(path=path, rel_path=rel_path, label=label, split=file_split))
+            files.append(MeshFile(path=path, rel_path=rel_path, label=label, split=file_split, dataset=dataset))
     files.sort(key=lambda f: f.rel_path)
+    if wanted is not None:
+        missing = sorted(wanted - {f.label.lower() for f in files})
+        if missing:
+            raise UsageError(f"no meshes found for class(es): {', '.join(missing)}")
     if per_class is not None:
         taken: dict[str, int] = {}
         kept = []
@@ -125,9 +134,7 @@ def discover(
         files = kept
     if limit is not None:
         files = files[:limit]
-    if wanted is not None:
-        found = {f.label.lower() for f in files}
-        missing = sorted(wanted - found)
-        if missing:
-            raise M3DError(f"no meshes found for class(es): {', '.join(missing)}")
+    if not files:
+        what = f" in split {split!r}" if split else ""
+        raise UsageError(f"no mesh files ({' '.join(sorted(MESH_EXTENSIONS))}){what} under {root}")
     return files, skips
