@@ -86,12 +86,25 @@ def test_unknown_encoder_and_pool_are_clear(synced, tmp_path):
     out = runner.invoke(app, ["sync", str(tree), "--encoders", "hog", "--pools", "median", "--store", str(tmp_path / "s")])
     assert out.exit_code != 0 and "median" in out.stderr and "mean" in out.stderr
     out = runner.invoke(app, ["sync", str(tmp_path / "missing"), "--encoders", "hog", "--store", str(tmp_path / "s")])
-    assert out.exit_code == 1 and "not a directory" in out.stderr
+    assert out.exit_code == 2 and "not a directory" in out.stderr
+    out = runner.invoke(app, ["sync", str(tree), "--encoders", "hog", "--renderer", "povray", "--store", str(tmp_path / "s")])
+    assert out.exit_code == 2 and "povray" in out.stderr and "moderngl" in out.stderr
+    out = runner.invoke(app, ["sync", str(tree), "--encoders", ",", "--store", str(tmp_path / "s")])
+    assert out.exit_code == 2 and "no encoder" in out.stderr
+    out = runner.invoke(app, ["sync", str(tree), "--encoders", "hog", "--split", "test", "--store", str(tmp_path / "s")])
+    assert out.exit_code == 2 and "no mesh files" in out.stderr
+    (tmp_path / "empty").mkdir()
+    out = runner.invoke(app, ["sync", str(tmp_path / "empty"), "--encoders", "hog", "--store", str(tmp_path / "s")])
+    assert out.exit_code == 2 and "no mesh files" in out.stderr
+    out = runner.invoke(app, ["info", "--store", str(tmp_path / "typo")])
+    assert out.exit_code == 1 and "no store at" in out.stderr and not (tmp_path / "typo").exists()
+    out = runner.invoke(app, ["info", "--qdrant-url", "notaurl", "--store", str(tmp_path / "s")])
+    assert out.exit_code == 2 and "not a Qdrant URL" in out.stderr
 
 
 def test_faiss_repair(synced):
     _, store, _ = synced
-    (store / "faiss" / "m3d_hog_max.faiss").unlink()
+    (store / "faiss" / "m3d_hog_max.faiss.npz").unlink()
     broken = runner.invoke(app, ["check", "--store", str(store), "--json"])
     assert broken.exit_code == 1
     assert {r["collection"]: r["in_step"] for r in json.loads(broken.stdout)}["m3d_hog_max"] is False

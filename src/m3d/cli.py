@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import M3DError
+from .errors import M3DError, UsageError
 
 app = typer.Typer(
     help="Turn 3D meshes into search vectors and keep them in Qdrant.\n\n"
@@ -59,10 +59,11 @@ def friendly(command):
     return wrapper
 
 
-def _session(store: Path, url: str | None, api_key: str | None):
+def _session(store: Path, url: str | None, api_key: str | None, *, create: bool = False):
+    """Commands that only read (create=False) refuse a store directory that does not exist."""
     from .store import open_session
 
-    return open_session(store, url=url, api_key=api_key)
+    return open_session(store, url=url, api_key=api_key, create=create)
 
 
 def _csv(value: str | None) -> list[str] | None:
@@ -100,6 +101,7 @@ def sync(
     split: Annotated[Optional[str], typer.Option(help="Only this split (train/test).")] = None,
     per_class: Annotated[Optional[int], typer.Option(min=1, help="First N files per class, by name.")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="At most N files in all.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset name stored with every object (default: ROOT's folder name); keep it when the folder moves.")] = None,
     workers: Annotated[Optional[int], typer.Option(min=0, help="Render processes (0 = in this process). Default: cores - 1.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per encoder call. Default: per device.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cuda or cpu. Default: cuda when present.")] = None,
@@ -128,10 +130,10 @@ def sync(
         view=ViewSettings(views=views, elevation=elevation, size=size), renderer=renderer, workers=workers,
         batch_size=batch_size, device=device, precision=precision, max_faces=max_faces, rebuild=rebuild,
     )
-    _check_names(options.pools)
-    with _session(store, qdrant_url, qdrant_api_key) as session, _progress(as_json) as progress:
+    _check_options(options)
+    with _session(store, qdrant_url, qdrant_api_key, create=True) as session, _progress(as_json) as progress:
         report = run_sync(session, root, options, classes=_csv(classes), split=split, per_class=per_class,
-                          limit=limit, progress=progress)
+                          limit=limit, dataset=dataset, progress=progress)
         report_path = session.reports_dir / "last-sync.json"
         location = session.vectors.location
     if as_json:
@@ -149,12 +151,21 @@ def sync(
     raise typer.Exit(report.exit_status)
 
 
-def _check_names(pools) -> None:
+def _check_options(options) -> None:
+    """Names a user can mistype, checked before the store is opened or anything is loaded."""
+    from .encoders import PRECISIONS
     from .pooling import POOLS
+    from .render import RENDERERS
 
-    unknown = [p for p in pools if p not in POOLS]
-    if unknown or not pools:
-        raise M3DError(f"unknown pool(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(POOLS)}")
+    unknown = [p for p in options.pools if p not in POOLS]
+    if unknown or not options.pools:
+        raise UsageError(f"unknown pool(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(POOLS)}")
+    if not options.encoders:
+        raise UsageError("no encoder given: --encoders clip,dinov2,hog or a checkpoint id/directory")
+    if options.renderer not in RENDERERS:
+        raise UsageError(f"unknown renderer {options.renderer!r}; choose from {', '.join(RENDERERS)}")
+    if options.precision is not None and options.precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {options.precision!r}; choose from {', '.join(PRECISIONS)}")
 
 
 class _progress:
@@ -243,13 +254,13 @@ def eval_(
 
     with _session(store, qdrant_url, qdrant_api_key) as session:
         results = evaluate(session, collection, recall_k=recall_k, recall_queries=recall_queries)
+        if not results:
+            raise M3DError("no collection with two or more objects to evaluate: run `m3d sync DIR` first")
         files = write_results(results, out or store / "eval")
         if report is not None:
             from .report import write_report
 
             files.append(write_report(session, results, report, queries=_csv(queries)))
-    if not results:
-        raise M3DError("no collections to evaluate: run `m3d sync DIR` first")
     if as_json:
         typer.echo(json.dumps([asdict(r) for r in results], indent=2))
         return

@@ -7,6 +7,12 @@ class M3DError(Exception):
     exit_code = 1
 
 
+class UsageError(M3DError):
+    """Bad options or arguments: a path that is not there, an unknown name, a filter that matches nothing."""
+
+    exit_code = 2
+
+
 class MeshError(M3DError):
     """A mesh file that cannot be read or used (malformed, empty, degenerate, too large)."""
 

@@ -27,7 +27,7 @@ class CollectionEval:
     collection: str
     objects: int
     classes: int
-    precision: dict[int, float]  # k -> mean precision@k
+    precision: dict[int, float]  # k -> mean precision@k (over min(k, objects - 1) neighbours)
     map: float
     nn_accuracy: float
     per_class: dict[str, dict[str, float]]  # class -> {"objects", "p@5", "p@10", "map"}
@@ -130,10 +130,12 @@ def _latencies(session: Session, name: str, index, queries: np.ndarray, k: int) 
 
 
 def evaluate(session: Session, collections: list[str] | None = None, **kwargs) -> list[CollectionEval]:
+    """Every named collection (default: all) with at least two objects; smaller ones have no neighbours
+    to rank and are left out rather than reported as NaN."""
     names = collections or session.collections()
     for name in names:
         session.require(name)
-    return [evaluate_collection(session, name, **kwargs) for name in names]
+    return [evaluate_collection(session, name, **kwargs) for name in names if session.vectors.count(name) >= 2]
 
 
 def write_results(results: list[CollectionEval], out_dir: Path) -> list[Path]:

@@ -7,7 +7,6 @@ can always bring FAISS back in step.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -66,10 +65,6 @@ class VectorStore(Protocol):
         """Make every acknowledged write durable."""
 
     def close(self) -> None: ...
-
-
-def default_store_dir() -> Path:
-    return Path(os.environ.get("M3D_STORE", ".m3d"))
 
 
 def open_store(store_dir: Path, *, url: str | None = None, api_key: str | None = None) -> VectorStore:

@@ -6,33 +6,26 @@ from __future__ import annotations
 import fcntl
 import os
 import sys
-import time
 from pathlib import Path
 
 from ..errors import StoreBusyError
 
 
 class StoreLock:
-    def __init__(self, store_dir: Path, *, wait_s: float = 0.0):
+    def __init__(self, store_dir: Path):
         self.path = Path(store_dir) / "lock"
-        self.wait_s = wait_s
         self._handle = None
 
     def __enter__(self) -> "StoreLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+")
-        deadline = time.monotonic() + self.wait_s
-        while True:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    handle.seek(0)
-                    holder = handle.read().strip() or "another process"
-                    handle.close()
-                    raise StoreBusyError(f"store {self.path.parent} is busy: {holder} is using it; try again when it ends") from None
-                time.sleep(0.1)
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise StoreBusyError(f"store {self.path.parent} is busy: {holder} is using it; try again when it ends") from None
         handle.seek(0)
         handle.truncate()
         command = " ".join(["m3d", *sys.argv[1:2]]) if sys.argv else "m3d"

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from ..errors import StoreError
+from ..errors import StoreError, UsageError
 from ..schemas import INDEXED_KEYWORDS
 from . import Hit, Record
 
@@ -25,17 +25,17 @@ BACKOFF_S = 0.5
 
 def _public_location(url: str) -> str:
     """The URL without user info, so nothing secret reaches the terminal or reports."""
-    if url == ":memory:":
-        return url
     parts = urlsplit(url)
+    if url == ":memory:" or not parts.scheme or not parts.hostname:
+        return url.rsplit("@", 1)[-1]
     host = parts.hostname or ""
     port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 class ServerStore:
-    def __init__(self, url: str, *, api_key: str | None = None, prefer_grpc: bool = False,
-                 retries: int = RETRIES, backoff_s: float = BACKOFF_S):
+    def __init__(self, url: str, *, api_key: str | None = None, retries: int = RETRIES, backoff_s: float = BACKOFF_S):
+        """url: http(s)://host[:port] for REST, grpc://host[:port] (default port 6334) for gRPC, or :memory:."""
         from qdrant_client import QdrantClient
 
         self.location = f"Qdrant server at {_public_location(url)}"
@@ -44,9 +44,16 @@ class ServerStore:
         self._backoff_s = backoff_s
         if url == ":memory:":
             self.client = QdrantClient(location=":memory:")
+            return
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https", "grpc") or not parts.hostname:
+            raise UsageError(f"--qdrant-url {_public_location(url)!r} is not a Qdrant URL: use http://host:6333, "
+                             "https://host or grpc://host:6334")
+        if parts.scheme == "grpc":
+            self.client = QdrantClient(host=parts.hostname, grpc_port=parts.port or 6334, prefer_grpc=True,
+                                       https=False, api_key=api_key, timeout=30, check_compatibility=False)
         else:
-            self.client = QdrantClient(url=url, api_key=api_key, prefer_grpc=prefer_grpc, timeout=30,
-                                       check_compatibility=False)
+            self.client = QdrantClient(url=url, api_key=api_key, timeout=30, check_compatibility=False)
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         """Run fn, retrying transient failures with exponential backoff."""
