@@ -93,3 +93,39 @@ def test_kill_9_then_rerun_equals_uninterrupted(tree, reference, tmp_path, marke
         assert all(row["ok"] for row in have["check"])
         for pid, vector in want["vectors"].items():
             np.testing.assert_allclose(have["vectors"][pid], vector, atol=1e-6)
+
+
+def test_a_render_worker_killed_mid_sync_loses_nothing(tree, reference, tmp_path):
+    """The OOM killer (or a driver crash) takes a render worker: the files it had in flight are
+    retried one at a time in a fresh pool and the sync completes with every object."""
+    import psutil
+
+    store_dir = tmp_path / "store"
+    cmd = [sys.executable, "-m", "m3d.cli", "-v", "sync", str(tree), "--store", str(store_dir), "--json",
+           *[a if a != "0" else "2" for a in ARGS]]  # two render worker processes
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    for line in proc.stderr:
+        if "plan:" in line:
+            break
+    deadline = time.monotonic() + 30
+    workers = []
+    while not workers and time.monotonic() < deadline:
+        workers = [p for p in psutil.Process(proc.pid).children()
+                   if "spawn_main" in " ".join(p.cmdline())]
+        time.sleep(0.05)
+    assert workers, "no render worker process found"
+    workers[0].kill()
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0
+    summary = json_loads_last(out)
+    assert summary["added"] == 12 and summary["skipped"] == 0
+    got = _snapshot(store_dir)
+    for name, want in reference.items():
+        assert got[name]["payloads"] == want["payloads"] and got[name]["faiss"] == want["faiss"]
+
+
+def json_loads_last(text: str) -> dict:
+    import json
+
+    return json.loads(text[text.index("{"):])

@@ -43,7 +43,7 @@ def test_sync_query_eval_and_incremental(tree, tmp_path):
             assert session.vectors.count(name) == 9
             assert sorted(session.exact(name).ids) == sorted(r.id for r in session.vectors.records(name))
             assert session.vectors.facet(name, "class") == {"Airplane": 3, "Chair": 3, "Cup": 3}
-        payload = next(iter(session.vectors.retrieve("m3d_hog_mean", [point_id("Chair/train/101.off")]))).payload
+        payload = next(iter(session.vectors.retrieve("m3d_hog_mean", [point_id("meshes", "Chair/train/101.off")]))).payload
         assert payload["class"] == "Chair" and payload["split"] == "train" and payload["path"] == "Chair/train/101.off"
         assert payload["pipeline"] == {"encoder": "hog", "model_id": payload["pipeline"]["model_id"], "pool": "mean",
                                        "views": 8, "elevation": 20.0, "resolution": 224, "renderer": "moderngl"}
@@ -53,7 +53,7 @@ def test_sync_query_eval_and_incremental(tree, tmp_path):
         mesh = tree / "Chair" / "train" / "101.off"
         for exact in (False, True):
             result = query(session, mesh, collection="m3d_hog_mean", k=3, exact=exact)
-            assert result.hits[0].id == point_id("Chair/train/101.off")
+            assert result.hits[0].id == point_id("meshes", "Chair/train/101.off")
             assert result.hits[0].score == pytest.approx(1.0, abs=1e-3)
             filtered = query(session, mesh, collection="m3d_hog_max", k=3, label="Cup", exact=exact)
             assert [h.payload["class"] for h in filtered.hits] == ["Cup"] * 3
@@ -79,8 +79,8 @@ def test_sync_query_eval_and_incremental(tree, tmp_path):
         for name in report.collections:
             points, faiss_ids = after[name]
             assert len(points) == 9 and sorted(points) == faiss_ids
-            assert point_id("Chair/train/102.off") not in points
-            assert points[point_id("Cup/train/21.off")][1] != before[name][0][point_id("Cup/train/21.off")][1]
+            assert point_id("meshes", "Chair/train/102.off") not in points
+            assert points[point_id("meshes", "Cup/train/21.off")][1] != before[name][0][point_id("meshes", "Cup/train/21.off")][1]
         moved = query(session, changed, collection="m3d_hog_mean", k=2, exact=True)
         assert {h.payload["path"] for h in moved.hits} == {"Cup/train/21.off", "Airplane/train/61.off"}
 
@@ -153,7 +153,7 @@ def test_damaged_vector_is_reported_and_reembedded(tree, tmp_path):
     options = SyncOptions(encoders=("hog",), pools=("mean",), workers=0)
     with open_session(tmp_path / "store") as session:
         sync(session, tree, options)
-        pid = point_id("Cup/train/22.off")
+        pid = point_id("meshes", "Cup/train/22.off")
         record = session.vectors.retrieve("m3d_hog_mean", [pid])[0]
         good = {r.id: r.vector for r in session.vectors.records("m3d_hog_mean", vectors=True)}[pid]
         session.vectors.upsert("m3d_hog_mean", [pid], np.zeros((1, len(good)), np.float32), [record.payload])
@@ -195,3 +195,59 @@ def test_uncached_hub_model_fails_at_once_and_stores_nothing(tree, tmp_path, mon
         with pytest.raises(ModelLoadError, match=r"not available offline.*hog"):
             sync(session, tree, SyncOptions(workers=0))  # defaults: clip + dinov2 from the hub
         assert session.collections() == []
+
+
+def test_crash_before_faiss_rebuild_never_serves_old_vectors(tree, tmp_path, monkeypatch):
+    from m3d.store import Session
+
+    with open_session(tmp_path / "store") as session:
+        sync(session, tree, HOG)
+    changed = tree / "Cup" / "train" / "21.off"
+    shutil.copyfile(tree / "Chair" / "train" / "103.off", changed)
+    monkeypatch.setattr(Session, "refresh_exact", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with open_session(tmp_path / "store") as session:
+        with pytest.raises(KeyboardInterrupt):  # Qdrant is written, FAISS is not: the crash window
+            sync(session, tree, HOG)
+    monkeypatch.undo()
+    with open_session(tmp_path / "store") as session:
+        assert not any(row["in_step"] for row in session.check())  # stale, not silently "ok"
+        hits = query(session, changed, collection="m3d_hog_mean", k=2, exact=True).hits  # 21 is now a copy of 103
+        assert {h.payload["path"] for h in hits} == {"Cup/train/21.off", "Chair/train/103.off"}
+        assert [h.score for h in hits] == pytest.approx([1.0, 1.0], abs=1e-4)
+        rows = {row["collection"]: row for row in session.check()}
+        assert rows["m3d_hog_mean"]["ok"] and not rows["m3d_hog_max"]["in_step"]  # exact() rebuilt mean only
+        assert all(row["ok"] for row in session.check(repair=True))
+
+
+def test_unchanged_files_keep_their_vectors_when_a_rerun_skips_them(tree, tmp_path):
+    with open_session(tmp_path / "store") as session:
+        sync(session, tree, SyncOptions(encoders=("hog",), pools=("mean",), workers=0))
+        adding_a_pool = SyncOptions(encoders=("hog",), pools=("mean", "max"), workers=0, max_faces=1000)
+        report = sync(session, tree, adding_a_pool)
+        assert len(report.skipped) == 9 and report.added == 0
+        assert session.vectors.count("m3d_hog_mean") == 9  # skipped for a new limit, still valid
+
+
+def test_a_point_from_other_settings_is_embedded_again(tree, tmp_path):
+    with open_session(tmp_path / "store") as session:
+        sync(session, tree, HOG)
+        pid = point_id("meshes", "Cup/train/23.off")
+        record = session.vectors.retrieve("m3d_hog_mean", [pid])[0]
+        foreign = {**record.payload, "pipeline": {**record.payload["pipeline"], "views": 4}}
+        vector = {r.id: r.vector for r in session.vectors.records("m3d_hog_mean", vectors=True)}[pid]
+        session.vectors.upsert("m3d_hog_mean", [pid], vector[None], [foreign])  # e.g. another writer on a server
+        again = sync(session, tree, HOG)
+        assert (again.added, again.unchanged) == (1, 8)
+        assert all(row["fingerprints"] == 1 and row["ok"] for row in session.check())
+
+
+def test_two_datasets_with_the_same_relative_paths_coexist(lpsb, tmp_path):
+    first = make_tree(lpsb, tmp_path / "ModelNet10", {"Chair": 2})
+    second = make_tree(lpsb, tmp_path / "ModelNet40", {"Chair": 2})
+    shutil.copyfile(lpsb / "Cup" / "21.off", second / "Chair" / "train" / "101.off")  # same path, other mesh
+    with open_session(tmp_path / "store") as session:
+        sync(session, first, HOG)
+        sync(session, second, HOG)
+        assert session.vectors.count("m3d_hog_mean") == 4
+        assert sync(session, first, HOG).unchanged == 2  # neither overwrote the other
+        assert session.vectors.facet("m3d_hog_mean", "dataset") == {"ModelNet10": 2, "ModelNet40": 2}
