@@ -25,3 +25,15 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("ckpt")
     return {fam: save_random_checkpoint(fam, root / f"tiny-{fam}") for fam in ("clip", "dinov2")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_data_untouched():
+    """The dev meshes are shared research data: fail the run if any test wrote through a symlink."""
+    if not LPSB.is_dir():
+        yield
+        return
+    before = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in LPSB.rglob("*") if p.is_file()}
+    yield
+    changed = [str(p) for p, sig in before.items() if (p.stat().st_size, p.stat().st_mtime_ns) != sig]
+    assert not changed, f"tests modified shared data: {changed[:5]}"

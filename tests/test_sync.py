@@ -243,7 +243,7 @@ def test_a_point_from_other_settings_is_embedded_again(tree, tmp_path):
 
 def test_two_datasets_with_the_same_relative_paths_coexist(lpsb, tmp_path):
     first = make_tree(lpsb, tmp_path / "ModelNet10", {"Chair": 2})
-    second = make_tree(lpsb, tmp_path / "ModelNet40", {"Chair": 2})
+    second = make_tree(lpsb, tmp_path / "ModelNet40", {"Chair": 2}, copy=True)  # written to below
     shutil.copyfile(lpsb / "Cup" / "21.off", second / "Chair" / "train" / "101.off")  # same path, other mesh
     with open_session(tmp_path / "store") as session:
         sync(session, first, HOG)
