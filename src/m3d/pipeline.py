@@ -77,12 +77,15 @@ class Rendered:
 class StageStats:
     """Busy seconds per stage; the bottleneck is the busiest one."""
 
-    render: float = 0.0
+    render: float = 0.0  # summed over the render workers
     encode: float = 0.0
     write: float = 0.0
+    render_workers: int = 1  # render processes sharing the render seconds (0 counts as 1: in-process)
 
     def bottleneck(self) -> str:
-        busy = asdict(self)
+        """The stage with the most busy time per thread of work: the workers render in parallel, so
+        their summed seconds are split over them (else 15 half-idle workers would outvote a busy GPU)."""
+        busy = {"render": self.render / max(self.render_workers, 1), "encode": self.encode, "write": self.write}
         return max(busy, key=busy.get)
 
 
@@ -381,7 +384,7 @@ def sync(
 
     on_cpu = all(str(e.device).startswith("cpu") for e in encoders)
     workers = auto_workers(on_cpu) if options.workers is None else options.workers
-    report.workers = workers
+    report.workers = report.stages.render_workers = workers
     writer = Writer(session, report.stages)
     writer.start()
     batch_images = max(e.batch_size for e in encoders)
