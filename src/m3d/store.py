@@ -81,13 +81,12 @@ class Session:
             saved = ExactIndex.load(self.exact_dir, name)
             if saved is not None and ids_digest(saved.ids) == ids_digest(known_ids):
                 return saved
-        ids, vectors = [], []
-        for rec in self.vectors.records(name, fields=["class"], vectors=True):
+        matrix = np.empty((self.vectors.count(name), self.vectors.dim(name)), np.float32)  # no list + stacked copy
+        ids = []
+        for row, rec in enumerate(self.vectors.records(name, fields=["class"], vectors=True)):
             ids.append(rec.id)
-            vectors.append(rec.vector)
-        dim = self.vectors.dim(name)
-        matrix = np.stack(vectors) if vectors else np.zeros((0, dim), np.float32)
-        index = ExactIndex(ids, matrix)
+            matrix[row] = rec.vector
+        index = ExactIndex(ids, matrix[: len(ids)])
         index.save(self.exact_dir, name)
         self._stale_marker(name).unlink(missing_ok=True)
         return index
