@@ -74,8 +74,9 @@ def _table(title: str, rows: list[dict]):
     from rich.table import Table
 
     table = Table(title=title)
-    for key in rows[0] if rows else []:
-        table.add_column(str(key), justify="right" if isinstance(rows[0][key], (int, float)) else "left")
+    for i, key in enumerate(rows[0] if rows else []):
+        table.add_column(str(key), justify="right" if isinstance(rows[0][key], (int, float)) else "left",
+                         no_wrap=i == 0)  # the first column names the row: never cut it
     for row in rows:
         table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()])
     return table
