@@ -470,8 +470,8 @@ def plot_tsne(points: np.ndarray, labels: list[str], perplexity: float, path: Pa
     return _save(fig, path)
 
 
-def plot_activations(views: np.ndarray, per_view: np.ndarray, path: Path, title: str) -> Path:
-    """Heatmap (views x first dims) with view thumbnails as row labels and a per-dimension std strip."""
+def plot_activations(views: np.ndarray, per_view: np.ndarray, path: Path, title: str, first_dim: int = 0) -> Path:
+    """Heatmap (views x dims first_dim..) with view thumbnails as row labels and a per-dimension std strip."""
     n_views = per_view.shape[0]
     dims = per_view.shape[1]
     width_in, heat_h = 11.0, max(3.0, 0.62 * n_views)
@@ -504,7 +504,7 @@ def plot_activations(views: np.ndarray, per_view: np.ndarray, path: Path, title:
     else:
         image = ax_heat.imshow(per_view, aspect="auto", cmap="viridis", interpolation="nearest")
     ax_heat.set_yticks([])
-    ax_heat.set_xticks(np.arange(0, dims, 8))
+    ax_heat.set_xticks(np.arange(0, dims, 8), [str(first_dim + t) for t in range(0, dims, 8)])
     ax_heat.tick_params(labelsize=7)
     fig.colorbar(image, cax=ax_cbar).ax.tick_params(labelsize=7)
     ax_cbar.set_ylabel("activation", fontsize=8)
@@ -514,7 +514,7 @@ def plot_activations(views: np.ndarray, per_view: np.ndarray, path: Path, title:
     flat = std <= threshold
     ax_std.bar(np.arange(dims), std, width=0.85, color=np.where(flat, "#b0b0b0", "#333333"))
     ax_std.set_xlim(-0.5, dims - 0.5)
-    ax_std.set_xticks(np.arange(0, dims, 8))
+    ax_std.set_xticks(np.arange(0, dims, 8), [str(first_dim + t) for t in range(0, dims, 8)])
     ax_std.tick_params(labelsize=7)
     ax_std.set_xlabel("dimension", fontsize=8)
     ax_std.set_ylabel("std across\nviews", fontsize=8)
@@ -664,10 +664,15 @@ def _activation_figure(fp: Fingerprint | None, rows: list[GalleryRow], payloads:
     except M3DError as exc:
         _note_figure(path, heading, f"encoder {fp.encoder} not available: {exc}")
         return [f"per-view activations skipped: encoder {fp.encoder} not available ({exc})"]
+    # Descriptors such as HOG are 0 wherever the image is background (its first blocks are the top-left
+    # corner): start the window at the first dimension that is non-zero in some view.
+    live = np.flatnonzero(np.abs(per_view).max(axis=0) > 0)
+    first = int(min(live[0] if len(live) else 0, max(per_view.shape[1] - HEATMAP_DIMS, 0)))
     dims = min(HEATMAP_DIMS, per_view.shape[1])
-    title = (f"{chosen[1].get('path', chosen[0])} ({chosen[1].get('class', '?')}): per-view vectors of "
-             f"{fp.model_id}, first {dims} of {per_view.shape[1]} dimensions")
-    plot_activations(views, per_view[:, :dims], path, title)
+    which = (f"first {dims} of {per_view.shape[1]} dimensions" if first == 0 else
+             f"dimensions {first}-{first + dims - 1} of {per_view.shape[1]} (0-{first - 1} are 0 in every view)")
+    title = f"{chosen[1].get('path', chosen[0])} ({chosen[1].get('class', '?')}): per-view vectors of {fp.model_id}, {which}"
+    plot_activations(views, per_view[:, first:first + dims], path, title, first_dim=first)
     return []
 
 
