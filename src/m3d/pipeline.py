@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .dataset import MeshFile, Skip, content_hash, discover
+from .dataset import MeshFile, content_hash, discover
 from .errors import M3DError, StoreError
 from .meshio import DEFAULT_MAX_FACES, load_mesh
 from .render import BACKGROUND, ViewSettings, create_renderer

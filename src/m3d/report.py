@@ -352,7 +352,8 @@ def plot_precision(results: list[CollectionEval], parts: dict[str, tuple[str, st
     value = {parts[r.collection]: r.precision.get(K, 0.0) for r in results}
     colours = matplotlib.colormaps["Set2"].colors
     plot_w = max(3.5, 0.45 * len(encoders) * (len(pools) + 1))
-    width_in, height_in, left_in, legend_in = plot_w + 0.8 + 2.2, 4.4, 0.8, 2.2
+    legend_in = 2.2
+    width_in, height_in, left_in = plot_w + 0.8 + legend_in, 4.4, 0.8
     fig = _figure(width_in, height_in)
     ax = fig.add_axes((left_in / width_in, 0.6 / height_in, plot_w / width_in, 3.1 / height_in))
     width = 0.8 / len(pools)
