@@ -61,6 +61,11 @@ def content_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+def bytes_hash(data: bytes) -> str:
+    """content_hash of bytes already in memory (the same digest)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
 def label_and_split(rel_parts: tuple[str, ...]) -> tuple[str, str | None] | None:
     """Class and split from a path relative to the root, or None when the layout says neither."""
     if len(rel_parts) < 2:

@@ -15,6 +15,7 @@ import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -53,8 +54,11 @@ class Mesh:
         return f"Mesh(vertices={len(self.vertices)}, faces={len(self.faces)})"
 
 
-def load_mesh(path: str | Path, *, max_faces: int = DEFAULT_MAX_FACES) -> Mesh:
-    """Read, validate and normalise one mesh file; any problem raises a one-line MeshError."""
+def load_mesh(path: str | Path, *, max_faces: int = DEFAULT_MAX_FACES,
+              on_bytes: Callable[[bytes], object] | None = None) -> Mesh:
+    """Read, validate and normalise one mesh file; any problem raises a one-line MeshError.
+    on_bytes, when given, sees the file's bytes if this reader read them whole (OFF), so a caller
+    can hash them without reading the file a second time."""
     try:
         p = Path(path)
         suffix = p.suffix.lower()
@@ -68,7 +72,10 @@ def load_mesh(path: str | Path, *, max_faces: int = DEFAULT_MAX_FACES) -> Mesh:
             cap = _MAX_OFF_BYTES_PER_FACE * max_faces + (1 << 20)
             if size > cap:
                 raise MeshError(f"file is {size} bytes, too large for the limit max_faces={max_faces}")
-            vertices, faces = _parse_off(_read_bytes(p), max_faces)
+            data = _read_bytes(p)
+            if on_bytes is not None:
+                on_bytes(data)
+            vertices, faces = _parse_off(data, max_faces)
         else:
             _precheck_face_count(p, suffix, size, max_faces)
             vertices, faces = _load_with_trimesh(p, suffix, max_faces)

@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .dataset import MeshFile, content_hash, discover
+from .dataset import MeshFile, bytes_hash, content_hash, discover
 from .errors import M3DError, StoreError
 from .meshio import DEFAULT_MAX_FACES, load_mesh
 from .render import BACKGROUND, ViewSettings, create_renderer
@@ -133,10 +133,13 @@ def _render_one(file: MeshFile) -> Rendered:
     start = time.perf_counter()
     result = Rendered(file)
     try:
+        # stat before reading: a file edited in between then looks changed next time, never fresh
         stat = file.path.stat()
         result.file_size, result.mtime_ns = stat.st_size, stat.st_mtime_ns
-        result.content_hash = content_hash(file.path)
-        mesh = load_mesh(file.path, max_faces=_worker_max_faces)
+        read: dict[str, str] = {}  # the OFF reader hands over the bytes it read: hash them, no second read
+        mesh = load_mesh(file.path, max_faces=_worker_max_faces,
+                         on_bytes=lambda data: read.setdefault("hash", bytes_hash(data)))
+        result.content_hash = read.get("hash") or content_hash(file.path)
         result.vertices, result.faces = len(mesh.vertices), len(mesh.faces)
         views = _worker_renderer.render(mesh)
         # a blank view is all background (coverage == 0); min over each view is ~20x cheaper than coverage()
