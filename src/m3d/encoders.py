@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from m3d.errors import ModelLoadError
+from m3d.errors import ModelLoadError, one_line
 
 if TYPE_CHECKING:
     import torch
@@ -465,11 +465,11 @@ def _read_config(source: _Source) -> dict[str, Any]:
             try:
                 file = hf_hub_download(source.location, "config.json")
             except Exception as e:  # network/auth/404 errors come in many classes; all mean "cannot fetch"
-                raise ModelLoadError(f"cannot download {source.location}: {_one_line(e)}") from e
+                raise ModelLoadError(f"cannot download {source.location}: {one_line(str(e))}") from e
     try:
         data = json.loads(Path(file).read_text())
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read {file}: {_one_line(e)}") from e
+        raise ModelLoadError(f"cannot read {file}: {one_line(str(e))}") from e
     if not isinstance(data, dict):
         raise ModelLoadError(f"{file} is not a JSON object")
     return data
@@ -483,11 +483,6 @@ def _family_for(config: dict[str, Any], model_id: str) -> Family:
     raise ModelLoadError(
         f"{model_id}: unsupported checkpoint family (model_type {model_type!r}); supported: {_supported_families()}"
     )
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text[:300] + ("..." if len(text) > 300 else "")
 
 
 def _transformers_quiet() -> Any:
@@ -520,9 +515,9 @@ def _from_pretrained(load: Any, source: _Source, what: str, **kwargs: Any) -> An
     except OSError as e:
         if not source.is_dir and source.local_only:
             raise ModelLoadError(_offline_message(source.location)) from e
-        raise ModelLoadError(f"{source.model_id}: cannot load the {what}: {_one_line(e)}") from e
+        raise ModelLoadError(f"{source.model_id}: cannot load the {what}: {one_line(str(e))}") from e
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise ModelLoadError(f"{source.model_id}: cannot load the {what}: {_one_line(e)}") from e
+        raise ModelLoadError(f"{source.model_id}: cannot load the {what}: {one_line(str(e))}") from e
 
 
 def _load_processor(source: _Source) -> Any:

@@ -1,10 +1,20 @@
 """Errors a user can act on. Each carries a one-line message; the CLI prints it and exits non-zero."""
 
 
+def one_line(text: str, limit: int = 300) -> str:
+    """Whitespace folded to single spaces and cut at limit characters: what a terminal line can hold."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class M3DError(Exception):
-    """Base class: a problem with the user's input or environment, never a bug."""
+    """Base class: a problem with the user's input or environment, never a bug. The message is
+    always one line, whatever the library underneath said."""
 
     exit_code = 1
+
+    def __init__(self, message: object = ""):
+        super().__init__(one_line(str(message)))
 
 
 class UsageError(M3DError):

@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from m3d.errors import MeshError
+from m3d.errors import MeshError, one_line
 
 DEFAULT_MAX_FACES = 2_000_000
 MESH_EXTENSIONS: frozenset[str] = frozenset({".off", ".obj", ".ply", ".stl", ".glb", ".gltf"})
@@ -81,22 +81,17 @@ def load_mesh(path: str | Path, *, max_faces: int = DEFAULT_MAX_FACES,
             vertices, faces = _load_with_trimesh(p, suffix, max_faces)
         return _validate_and_normalise(vertices, faces, max_faces)
     except MeshError as exc:
-        raise MeshError(_one_line(str(exc))) from None
+        raise MeshError(one_line(str(exc), _MAX_MESSAGE)) from None
     except MemoryError:
         raise MeshError("out of memory while reading the mesh (file too large?)") from None
     except RecursionError:
         raise MeshError("mesh structure too deeply nested to read") from None
     except Exception as exc:  # the stage's contract: a bad file is a MeshError, never a crash
-        raise MeshError(_one_line(f"unreadable mesh ({type(exc).__name__}: {exc})")) from None
+        raise MeshError(one_line(f"unreadable mesh ({type(exc).__name__}: {exc})", _MAX_MESSAGE)) from None
 
 
 # ---------------------------------------------------------------------------------------------
 # file access
-
-
-def _one_line(msg: str) -> str:
-    msg = " ".join(msg.split())
-    return msg if len(msg) <= _MAX_MESSAGE else msg[: _MAX_MESSAGE - 3] + "..."
 
 
 def _check_file(p: Path) -> int:

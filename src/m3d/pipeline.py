@@ -351,7 +351,6 @@ def sync(
 ) -> SyncReport:
     """Bring the store in step with the meshes under root, doing only the work that is missing."""
     from .encoders import load_encoder
-    from .pooling import pool
 
     started = time.perf_counter()
     root = Path(root).resolve()
@@ -388,6 +387,7 @@ def sync(
     on_cpu = all(str(e.device).startswith("cpu") for e in encoders)
     workers = auto_workers(on_cpu) if options.workers is None else options.workers
     report.workers = report.stages.render_workers = workers
+    by_encoder = _group_by_encoder(targets)
     writer = Writer(session, report.stages)
     writer.start()
     batch_images = max(e.batch_size for e in encoders)
@@ -397,6 +397,7 @@ def sync(
     render_started = time.perf_counter()
     try:
         batch: list[Rendered] = []
+        batch_views = 0
         for item in render_stream(plan.todo, options, workers, window):
             report.stages.render += item.seconds
             if item.views is None:
@@ -410,13 +411,14 @@ def sync(
                 done += 1
             else:
                 batch.append(item)
-            if sum(len(b.views) for b in batch) >= batch_images:
-                _encode_and_write(batch, targets, plan, dataset, writer, report.stages, pool)
-                done, embedded, batch = done + len(batch), embedded + len(batch), []
+                batch_views += len(item.views)
+            if batch_views >= batch_images:
+                _encode_and_write(batch, by_encoder, plan, writer, report.stages)
+                done, embedded, batch, batch_views = done + len(batch), embedded + len(batch), [], 0
             if progress:
                 progress(done, len(plan.todo), report)
         if batch:
-            _encode_and_write(batch, targets, plan, dataset, writer, report.stages, pool)
+            _encode_and_write(batch, by_encoder, plan, writer, report.stages)
             done, embedded = done + len(batch), embedded + len(batch)
         writer.finish()
     except BaseException:
@@ -465,15 +467,21 @@ def _prepare_collections(session: Session, targets: dict, rebuild: bool) -> dict
     return known
 
 
-def _encode_and_write(batch: list[Rendered], targets: dict, plan: Plan, dataset: str, writer: Writer,
-                      stats: StageStats, pool) -> None:
-    """Encode every view of the batch once per encoder, pool once per pool, hand rows to the writer."""
-    import torch
-
-    start = time.perf_counter()
+def _group_by_encoder(targets: dict) -> dict[str, tuple[object, list[tuple[str, str, Fingerprint]]]]:
+    """encoder name -> (encoder, [(collection, pool, fingerprint), ...]): each encoder runs once per batch."""
     by_encoder: dict[str, tuple[object, list[tuple[str, str, Fingerprint]]]] = {}
     for name, (encoder, pool_name, fp) in targets.items():
         by_encoder.setdefault(encoder.name, (encoder, []))[1].append((name, pool_name, fp))
+    return by_encoder
+
+
+def _encode_and_write(batch: list[Rendered], by_encoder: dict, plan: Plan, writer: Writer, stats: StageStats) -> None:
+    """Encode every view of the batch once per encoder, pool once per pool, hand rows to the writer."""
+    import torch
+
+    from .pooling import pool
+
+    start = time.perf_counter()
     out = []
     for enc_name, (encoder, collections) in by_encoder.items():
         members = [b for b in batch if enc_name in plan.needs[b.file.rel_path]]
@@ -486,7 +494,7 @@ def _encode_and_write(batch: list[Rendered], targets: dict, plan: Plan, dataset:
         for name, pool_name, fp in collections:
             vectors = pool(pool_name, per_view).cpu().numpy()
             payloads = [
-                object_payload(rel_path=b.file.rel_path, label=b.file.label, split=b.file.split, dataset=dataset,
+                object_payload(rel_path=b.file.rel_path, label=b.file.label, split=b.file.split, dataset=b.file.dataset,
                                content_hash=b.content_hash, file_size=b.file_size, mtime_ns=b.mtime_ns,
                                vertices=b.vertices, faces=b.faces, fingerprint=fp)
                 for b in members
