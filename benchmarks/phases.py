@@ -30,7 +30,7 @@ def _sample_views(args: argparse.Namespace, objects: int) -> np.ndarray:
     from m3d.meshio import load_mesh
     from m3d.render import ViewSettings, create_renderer
 
-    renderer = create_renderer("moderngl", ViewSettings(size=args.size))
+    renderer = create_renderer(ViewSettings(size=args.size))
     try:
         return np.concatenate([renderer.render(load_mesh(f.path)) for f in _files(args)[:objects]])
     finally:
@@ -45,7 +45,7 @@ def render_stream(args: argparse.Namespace) -> dict:
     import torch  # only to ask whether the sync would encode on a GPU (then it leaves a core to feed it)
 
     files = _files(args)
-    options = SyncOptions(view=ViewSettings(size=args.size), renderer=args.renderer)
+    options = SyncOptions(view=ViewSettings(size=args.size, renderer=args.renderer))
     workers = auto_workers(not torch.cuda.is_available()) if args.workers is None else args.workers
     start, cpu_start = time.perf_counter(), time.process_time()
     views = objects = failed = 0
@@ -74,7 +74,7 @@ def render_cost(args: argparse.Namespace) -> dict:
     for name in args.renderers:
         rows = {}
         for size in args.sizes:
-            renderer = create_renderer(name, ViewSettings(size=size))
+            renderer = create_renderer(ViewSettings(size=size, renderer=name))
             try:
                 renderer.render(meshes[0])  # warm-up: shader compilation, buffers
                 start = time.perf_counter()

@@ -40,7 +40,7 @@ def renders(lpsb: Path) -> np.ndarray:
     from m3d.meshio import load_mesh
     from m3d.render import ViewSettings, create_renderer
 
-    renderer = create_renderer("moderngl", ViewSettings())
+    renderer = create_renderer(ViewSettings())
     try:
         views = [renderer.render(load_mesh(lpsb / name)) for name in ("Chair/101.off", "Airplane/61.off")]
     finally:

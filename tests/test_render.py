@@ -7,6 +7,7 @@ import multiprocessing as mp
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -14,9 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from m3d.errors import M3DError
+from m3d.errors import M3DError, UsageError
 from m3d.meshio import Mesh, load_mesh
 from m3d.render import (
+    RENDERER_CLASSES,
     RENDERERS,
     ModernglRenderer,
     RaycastRenderer,
@@ -226,7 +228,7 @@ def test_save_strip(tmp_path, gl, meshes):
 
 
 def _render_in_worker(name: str, path: str, settings: ViewSettings) -> np.ndarray:
-    renderer = create_renderer(name, settings)
+    renderer = create_renderer(replace(settings, renderer=name))
     try:
         return renderer.render(_load(path))
     finally:
@@ -244,10 +246,10 @@ def test_renderer_in_spawned_worker(gl, lpsb, meshes):
 def test_missing_egl_is_a_one_line_user_error():
     """No usable EGL driver (here: glvnd pointed at no vendor) -> M3DError naming the fix, no fallback."""
     code = (
-        "from m3d.errors import M3DError\n"
+        "from m3d.errors import M3DError, UsageError\n"
         "from m3d.render import ViewSettings, create_renderer\n"
         "try:\n"
-        "    create_renderer('moderngl', ViewSettings())\n"
+        "    create_renderer(ViewSettings())\n"
         "except M3DError as e:\n"
         "    print('M3DError:', e)\n"
     )
@@ -260,13 +262,16 @@ def test_missing_egl_is_a_one_line_user_error():
 
 
 def test_create_renderer_errors_and_registry():
-    assert set(RENDERERS) == {"moderngl", "raycast"}
-    with pytest.raises(M3DError) as e:
-        create_renderer("blender", ViewSettings())
+    assert set(RENDERERS) == set(RENDERER_CLASSES) == {"moderngl", "raycast"}
+    with pytest.raises(UsageError) as e:
+        ViewSettings(renderer="blender")
     msg = str(e.value)
     assert "\n" not in msg and "blender" in msg and "moderngl" in msg and "raycast" in msg
     with pytest.raises(M3DError):
         ViewSettings(views=0)
-    r = create_renderer("raycast", ViewSettings(views=2, size=32))
+    for field, bad in (("up", "w"), ("layout", "cube"), ("align", "icp")):
+        with pytest.raises(UsageError, match=bad):
+            ViewSettings(**{field: bad})
+    r = create_renderer(ViewSettings(views=2, size=32, renderer="raycast"))
     assert isinstance(r, RaycastRenderer)
     r.close()

@@ -46,7 +46,8 @@ def test_sync_query_eval_and_incremental(tree, tmp_path):
         payload = next(iter(session.vectors.retrieve("m3d_hog_mean", [point_id("meshes", "Chair/train/101.off")]))).payload
         assert payload["class"] == "Chair" and payload["split"] == "train" and payload["path"] == "Chair/train/101.off"
         assert payload["pipeline"] == {"encoder": "hog", "model_id": payload["pipeline"]["model_id"], "pool": "mean",
-                                       "views": 8, "elevation": 20.0, "resolution": 224, "renderer": "moderngl"}
+                                       "views": 8, "elevation": 20.0, "resolution": 224, "renderer": "moderngl",
+                                       "up": "y", "layout": "ring", "align": "none"}
         assert payload["faces"] > 1000 and len(payload["content_hash"]) == 32
 
         # a stored mesh finds itself first, from Qdrant and from FAISS, and the class filter holds
@@ -94,7 +95,7 @@ def test_other_settings_are_refused_unless_rebuild(tree, tmp_path):
         assert session.vectors.count("m3d_hog_mean") == 9  # nothing lost by the refusal
         rebuilt = sync(session, tree, SyncOptions(**{**four_views.__dict__, "rebuild": True}))
         assert rebuilt.added == 9
-        assert session.fingerprint("m3d_hog_mean").views == 4
+        assert session.fingerprint("m3d_hog_mean").view.views == 4
 
 
 def test_bad_files_are_recorded_and_the_rest_is_stored(tree, tmp_path):

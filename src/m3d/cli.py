@@ -39,7 +39,16 @@ StoreOpt = Annotated[Path, typer.Option("--store", envvar="M3D_STORE", help="Sto
 UrlOpt = Annotated[Optional[str], typer.Option("--qdrant-url", envvar="QDRANT_URL", help="Use a Qdrant server instead of the embedded store, e.g. http://localhost:6333.")]
 KeyOpt = Annotated[Optional[str], typer.Option("--qdrant-api-key", envvar="QDRANT_API_KEY", show_default=False, help="API key of the Qdrant server (never printed).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+# View settings shared by sync and render (one ViewSettings value; validated there).
+ViewsOpt = Annotated[int, typer.Option(min=1, help="Cameras (ring: around the up axis; sphere: spread over the sphere).")]
+ElevationOpt = Annotated[float, typer.Option(help="Ring camera elevation in degrees.")]
+SizeOpt = Annotated[int, typer.Option(min=16, help="Render size in pixels (square).")]
+RendererOpt = Annotated[str, typer.Option(help="moderngl (EGL; Mesa on CPU, NVIDIA on GPU) or raycast (Open3D, no GL).")]
+UpOpt = Annotated[str, typer.Option(help="Mesh axis that is up: x, y, z, -x, -y, -z.")]
+LayoutOpt = Annotated[str, typer.Option(help="Cameras: ring (horizontal ring at --elevation) or sphere (evenly over the sphere).")]
+AlignOpt = Annotated[str, typer.Option(help="Pose before rendering: none, or pca (principal axes; for arbitrarily rotated data).")]
 DEFAULT_STORE = Path(".m3d")
+INFO_VIEW_FIELDS = ("layout", "views", "elevation", "up", "align", "size", "renderer")
 
 
 def friendly(command):
@@ -94,10 +103,13 @@ def sync(
     root: Annotated[Path, typer.Argument(help="Folder of meshes: <class>/<split>/<name>.off or <class>/<name>.off")],
     encoders: Annotated[str, typer.Option(help="Comma-separated: clip, dinov2, hog (weight-free), a Hugging Face id or a local checkpoint directory.")] = "clip,dinov2",
     pools: Annotated[str, typer.Option(help="Comma-separated pools: mean, max, attn.")] = "mean,max,attn",
-    views: Annotated[int, typer.Option(min=1, help="Views on the horizontal ring.")] = 8,
-    elevation: Annotated[float, typer.Option(help="Camera elevation in degrees.")] = 20.0,
-    size: Annotated[int, typer.Option(min=16, help="Render size in pixels (square).")] = 224,
-    renderer: Annotated[str, typer.Option(help="moderngl (EGL; Mesa on CPU, NVIDIA on GPU) or raycast (Open3D, no GL).")] = "moderngl",
+    views: ViewsOpt = 8,
+    elevation: ElevationOpt = 20.0,
+    size: SizeOpt = 224,
+    renderer: RendererOpt = "moderngl",
+    up: UpOpt = "y",
+    layout: LayoutOpt = "ring",
+    align: AlignOpt = "none",
     classes: Annotated[Optional[str], typer.Option(help="Only these classes (comma-separated).")] = None,
     split: Annotated[Optional[str], typer.Option(help="Only this split (train/test).")] = None,
     per_class: Annotated[Optional[int], typer.Option(min=1, help="First N files per class, by name.")] = None,
@@ -128,7 +140,8 @@ def sync(
 
     options = SyncOptions(
         encoders=tuple(_csv(encoders) or []), pools=tuple(_csv(pools) or []),
-        view=ViewSettings(views=views, elevation=elevation, size=size), renderer=renderer, workers=workers,
+        view=ViewSettings(views=views, elevation=elevation, size=size, renderer=renderer, up=up, layout=layout,
+                          align=align), workers=workers,
         batch_size=batch_size, device=device, precision=precision, max_faces=max_faces, rebuild=rebuild,
     )
     _check_options(options)
@@ -156,15 +169,12 @@ def _check_options(options) -> None:
     """Names a user can mistype, checked before the store is opened or anything is loaded."""
     from .encoders import PRECISIONS
     from .pooling import POOLS
-    from .render import RENDERERS
 
     unknown = [p for p in options.pools if p not in POOLS]
     if unknown or not options.pools:
         raise UsageError(f"unknown pool(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(POOLS)}")
     if not options.encoders:
         raise UsageError("no encoder given: --encoders clip,dinov2,hog or a checkpoint id/directory")
-    if options.renderer not in RENDERERS:
-        raise UsageError(f"unknown renderer {options.renderer!r}; choose from {', '.join(RENDERERS)}")
     if options.precision is not None and options.precision not in PRECISIONS:
         raise UsageError(f"unknown precision {options.precision!r}; choose from {', '.join(PRECISIONS)}")
 
@@ -205,6 +215,7 @@ def query(
     collection: Annotated[Optional[str], typer.Option(help="Collection to search (default: the first *_mean one).")] = None,
     label: Annotated[Optional[str], typer.Option("--class", help="Only neighbours of this class (payload filter).")] = None,
     exact: Annotated[bool, typer.Option(help="Answer from the FAISS exact index instead of Qdrant.")] = False,
+    up: Annotated[Optional[str], typer.Option(help="Up axis of MESH (x, y, z, -x, -y, -z) when it differs from the collection's rule.")] = None,
     gallery: Annotated[Optional[Path], typer.Option(help="Also write the query and its neighbours as one PNG.")] = None,
     store: StoreOpt = DEFAULT_STORE,
     qdrant_url: UrlOpt = None,
@@ -218,7 +229,7 @@ def query(
     from .search import query as run_query
 
     with _session(store, qdrant_url, qdrant_api_key) as session:
-        result = run_query(session, mesh, collection=collection, k=k, label=label, exact=exact)
+        result = run_query(session, mesh, collection=collection, k=k, label=label, exact=exact, up=up)
         if gallery is not None:
             from .report import query_gallery
 
@@ -286,8 +297,7 @@ def info(
             classes = session.vectors.facet(name, "class")
             rows.append({"collection": name, "points": session.vectors.count(name), "dim": session.vectors.dim(name),
                          "classes": len(classes), "encoder": fp.model_id if fp else "",
-                         "views": fp.views if fp else "", "size": fp.resolution if fp else "",
-                         "renderer": fp.renderer if fp else ""})
+                         **{k: getattr(fp.view, k) if fp else "" for k in INFO_VIEW_FIELDS}})
         location = session.vectors.location
     if as_json:
         typer.echo(json.dumps({"store": location, "collections": rows}, indent=2))
@@ -321,22 +331,29 @@ def check(
 def render(
     mesh: Annotated[Path, typer.Argument(help="A mesh file")],
     output: Annotated[Path, typer.Option("-o", "--output", help="PNG strip of all views.")] = Path("strip.png"),
-    views: Annotated[int, typer.Option(min=1)] = 8,
-    elevation: float = 20.0,
-    size: Annotated[int, typer.Option(min=16)] = 224,
-    renderer: str = "moderngl",
+    views: ViewsOpt = 8,
+    elevation: ElevationOpt = 20.0,
+    size: SizeOpt = 224,
+    renderer: RendererOpt = "moderngl",
+    up: UpOpt = "y",
+    layout: LayoutOpt = "ring",
+    align: AlignOpt = "none",
 ):
     """Render MESH the way sync does and write the views side by side: see what the encoder sees."""
-    from .render import ViewSettings, create_renderer, save_strip
+    from .orientation import pose
+    from .render import ViewSettings, create_renderer, posed, save_strip
     from .search import load_named
 
+    view = ViewSettings(views=views, elevation=elevation, size=size, renderer=renderer, up=up, layout=layout,
+                        align=align)
     loaded = load_named(mesh)
-    engine = create_renderer(renderer, ViewSettings(views=views, elevation=elevation, size=size))
+    placed = pose(loaded, view)
+    engine = create_renderer(view)
     try:
-        save_strip(engine.render(loaded), output)
+        save_strip(engine.render(posed(loaded, placed.rotation)), output)
     finally:
         engine.close()
-    _print(f"wrote {output} ({views} views, {size}px, {renderer})")
+    _print(f"wrote {output} ({views} views on a {layout}, {size}px, {renderer}, up: {placed.up} ({placed.source}))")
 
 
 @app.command()

@@ -29,7 +29,8 @@ import numpy as np
 from .dataset import MeshFile, bytes_hash, content_hash, discover
 from .errors import M3DError, StoreError
 from .meshio import DEFAULT_MAX_FACES, load_mesh
-from .render import BACKGROUND, ViewSettings, create_renderer
+from .orientation import pose
+from .render import BACKGROUND, ViewSettings, create_renderer, posed
 from .schemas import SYNC_FIELDS, Fingerprint, collection_name, object_payload
 from .store import Session, is_unit
 
@@ -47,8 +48,7 @@ EXIT_OK, EXIT_SKIPPED = 0, 4
 class SyncOptions:
     encoders: tuple[str, ...] = DEFAULT_ENCODERS
     pools: tuple[str, ...] = DEFAULT_POOLS
-    view: ViewSettings = ViewSettings()
-    renderer: str = "moderngl"
+    view: ViewSettings = ViewSettings()  # cameras, renderer, up axis, layout, pose alignment
     workers: int | None = None  # render processes; 0 renders in this process; None = auto
     batch_size: int | None = None  # images per encoder call; None = the encoder's own choice
     device: str | None = None
@@ -70,6 +70,7 @@ class Rendered:
     mtime_ns: int = 0
     vertices: int = 0
     faces: int = 0
+    pose: dict | None = None  # the rotation it was rendered with (orientation.Pose.to_payload)
     seconds: float = 0.0
 
 
@@ -117,14 +118,16 @@ Progress = Callable[[int, int, SyncReport], None]  # (done, total, report so far
 
 # -- render stage (runs in worker processes) -------------------------------------------------
 _worker_renderer = None
+_worker_view = ViewSettings()
 _worker_max_faces = DEFAULT_MAX_FACES
 
 
-def _init_render_worker(renderer: str, view: ViewSettings, max_faces: int) -> None:
+def _init_render_worker(view: ViewSettings, max_faces: int) -> None:
     """One renderer (one GL context) per worker process, created once."""
-    global _worker_renderer, _worker_max_faces
+    global _worker_renderer, _worker_view, _worker_max_faces
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    _worker_renderer = create_renderer(renderer, view)
+    _worker_renderer = create_renderer(view)
+    _worker_view = view
     _worker_max_faces = max_faces
 
 
@@ -141,7 +144,9 @@ def _render_one(file: MeshFile) -> Rendered:
                          on_bytes=lambda data: read.setdefault("hash", bytes_hash(data)))
         result.content_hash = read.get("hash") or content_hash(file.path)
         result.vertices, result.faces = len(mesh.vertices), len(mesh.faces)
-        views = _worker_renderer.render(mesh)
+        placed = pose(mesh, _worker_view)
+        result.pose = placed.to_payload()
+        views = _worker_renderer.render(posed(mesh, placed.rotation))
         # a blank view is all background (coverage == 0); min over each view is ~20x cheaper than coverage()
         blank = int((views.reshape(len(views), -1).min(axis=1) == BACKGROUND).sum())
         if blank:
@@ -174,7 +179,7 @@ def render_stream(files: list[MeshFile], options: SyncOptions, workers: int,
     The window should cover one encode batch plus a little: while the caller encodes a batch, the
     workers keep rendering the next one instead of idling."""
     if workers == 0:
-        _init_render_worker(options.renderer, options.view, options.max_faces)
+        _init_render_worker(options.view, options.max_faces)
         try:
             for file in files:
                 yield _render_one(file)
@@ -187,7 +192,7 @@ def render_stream(files: list[MeshFile], options: SyncOptions, workers: int,
     while queued or suspects:
         with ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context("spawn"),  # GL contexts do not survive fork
-            initializer=_init_render_worker, initargs=(options.renderer, options.view, options.max_faces),
+            initializer=_init_render_worker, initargs=(options.view, options.max_faces),
         ) as pool:
             pending: dict[Future, MeshFile] = {}
             crashed: list[MeshFile] = []
@@ -229,7 +234,7 @@ class Plan:
 
 
 def plan_sync(files: list[MeshFile], known: dict[str, dict[str, dict]], encoder_of: dict[str, str],
-              pipelines: dict[str, dict], dataset: str, prune: bool) -> Plan:
+              pipelines: dict[str, Fingerprint], dataset: str, prune: bool) -> Plan:
     """Compare the files with what each collection holds (id -> payload) and list the work: a point
     is fresh when its file's content and its pipeline fingerprint both match."""
     plan = Plan([], {}, set(), [])
@@ -241,7 +246,7 @@ def plan_sync(files: list[MeshFile], known: dict[str, dict[str, dict]], encoder_
         changed = False
         for name, records in known.items():
             record = records.get(pid)
-            if record is None or record.get("pipeline") != pipelines[name]:
+            if record is None or not pipelines[name].matches(record.get("pipeline")):
                 missing.add(encoder_of[name])
             elif not _same_content(file, record, hash_cache):
                 missing.add(encoder_of[name])
@@ -361,9 +366,7 @@ def sync(
     targets: dict[str, tuple[object, str, Fingerprint]] = {}
     for spec, encoder in zip(options.encoders, encoders):
         for pool_name in options.pools:
-            fp = Fingerprint(encoder=spec, model_id=encoder.model_id, pool=pool_name, views=options.view.views,
-                             elevation=float(options.view.elevation), resolution=options.view.size,
-                             renderer=options.renderer)
+            fp = Fingerprint(encoder=spec, model_id=encoder.model_id, pool=pool_name, view=options.view)
             targets[collection_name(encoder.name, pool_name)] = (encoder, pool_name, fp)
     report = SyncReport(str(root), dataset, sorted(targets), discovered=len(files))
     session.remember_root(dataset, root)
@@ -372,7 +375,7 @@ def sync(
     known = _prepare_collections(session, targets, options.rebuild)
     encoder_of = {name: encoder.name for name, (encoder, _, _) in targets.items()}
     prune = not (classes or split or per_class or limit)
-    pipelines = {name: fp.to_payload() for name, (_, _, fp) in targets.items()}
+    pipelines = {name: fp for name, (_, _, fp) in targets.items()}
     plan = plan_sync(files, known, encoder_of, pipelines, dataset, prune)
     report.unchanged, report.added, report.updated = plan.unchanged, plan.added, plan.updated
     if plan.todo or plan.remove:
@@ -496,7 +499,7 @@ def _encode_and_write(batch: list[Rendered], by_encoder: dict, plan: Plan, write
             payloads = [
                 object_payload(rel_path=b.file.rel_path, label=b.file.label, split=b.file.split, dataset=b.file.dataset,
                                content_hash=b.content_hash, file_size=b.file_size, mtime_ns=b.mtime_ns,
-                               vertices=b.vertices, faces=b.faces, fingerprint=fp)
+                               vertices=b.vertices, faces=b.faces, fingerprint=fp, pose=b.pose)
                 for b in members
             ]
             out.append((name, [b.file.point_id for b in members], vectors, payloads))

@@ -1,6 +1,7 @@
 """Cameras and renderers: a mesh in the unit sphere -> uint8 views (views, size, size, 3).
 
-Two renderers share one camera ring and one shading formula so their images are interchangeable:
+Two renderers share one set of cameras (a layout: ring or sphere) and one shading formula, so their
+images are interchangeable:
 ``moderngl`` (OpenGL through EGL: Mesa llvmpipe on CPU, the NVIDIA driver on GPU machines) and
 ``raycast`` (Open3D's RaycastingScene, no GL at all). A renderer is created once per worker process
 and renders thousands of meshes; a GL context belongs to its thread, so workers must be *spawned*.
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from m3d.errors import M3DError
+from m3d.errors import M3DError, UsageError
 
 if TYPE_CHECKING:  # render only reads mesh.vertices / mesh.faces; keep meshio out of the import path
     from m3d.meshio import Mesh
@@ -35,15 +36,36 @@ AMBIENT = 0.22
 DIFFUSE = 0.78
 LIGHT_CAMERA_SPACE = (-0.35, 0.45, 1.0)  # towards the light in camera coords (x right, y up, z back)
 BACKGROUND = 255
+RENDERERS = ("moderngl", "raycast")  # names; the classes are registered below (RENDERER_CLASSES)
+
+
+#: Up axes a user can name (see m3d.orientation).
+UP_AXES: dict[str, tuple[float, float, float]] = {
+    "x": (1.0, 0.0, 0.0), "-x": (-1.0, 0.0, 0.0), "y": (0.0, 1.0, 0.0),
+    "-y": (0.0, -1.0, 0.0), "z": (0.0, 0.0, 1.0), "-z": (0.0, 0.0, -1.0),
+}
+UP_CHOICES = tuple(UP_AXES)
+DEFAULT_UP = "y"
+ALIGNS = ("none", "pca")
 
 
 @dataclass(frozen=True)
 class ViewSettings:
-    """The view ring: ``views`` cameras at ``elevation`` degrees, square ``size`` px images."""
+    """Everything that decides what the cameras see, as one value (the fingerprint holds it whole).
+
+    ``layout`` places the ``views`` cameras (``ring``: a horizontal ring at ``elevation`` degrees about
+    the up axis; ``sphere``: spread evenly over the whole sphere); ``up`` is the mesh axis turned to the
+    cameras' up before rendering; ``align`` ``pca``
+    poses the mesh by its principal axes instead (for arbitrarily rotated data).
+    """
 
     views: int = 8
     elevation: float = 20.0
     size: int = 224
+    renderer: str = "moderngl"
+    up: str = DEFAULT_UP
+    layout: str = "ring"
+    align: str = "none"
 
     def __post_init__(self) -> None:
         if int(self.views) != self.views or self.views < 1:
@@ -52,6 +74,12 @@ class ViewSettings:
             raise M3DError(f"elevation must be within [-90, 90] degrees, got {self.elevation!r}")
         if int(self.size) != self.size or not 8 <= self.size <= 8192:
             raise M3DError(f"image size must be an integer in [8, 8192], got {self.size!r}")
+        for name, value, choices in (("renderer", self.renderer, RENDERERS), ("up", self.up, UP_CHOICES),
+                                     ("layout", self.layout, LAYOUTS), ("align", self.align, ALIGNS)):
+            if value not in choices:
+                raise UsageError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+        if self.align != "none" and self.up != DEFAULT_UP:
+            raise UsageError(f"--align {self.align} sets the whole pose itself: leave --up at {DEFAULT_UP}")
 
 
 @dataclass(frozen=True)
@@ -92,32 +120,49 @@ def camera_distance(radius: float = 1.0) -> float:
     return radius * FRAME_MARGIN / math.sin(math.radians(FOV_Y_DEG) / 2)
 
 
-def camera_positions(settings: ViewSettings, radius: float = 1.0) -> np.ndarray:
-    """(views, 3) eyes on a horizontal ring (y up); azimuth i * 360/views degrees, view 0 on +z.
-
-    Azimuth grows counter-clockwise seen from above (+y): camera i is camera 0 rotated by
-    R_y(i * 360/views), so view 1 of a mesh equals view 0 of the mesh rotated by R_y(-360/views).
-    """
+def _ring(settings: ViewSettings) -> np.ndarray:
+    """Ring directions: azimuth i * 360/views degrees, view 0 on +z, counter-clockwise seen from +y,
+    so camera i is camera 0 turned by R_y(i * 360/views) (view 1 of a mesh == view 0 of the mesh turned
+    by R_y(-360/views))."""
     az = np.arange(settings.views) * (2 * math.pi / settings.views)
     el = math.radians(settings.elevation)
-    d = camera_distance(radius)
-    return np.stack(
-        [d * math.cos(el) * np.sin(az), np.full_like(az, d * math.sin(el)), d * math.cos(el) * np.cos(az)],
-        axis=1,
-    )
+    return np.stack([math.cos(el) * np.sin(az), np.full_like(az, math.sin(el)), math.cos(el) * np.cos(az)], axis=1)
+
+
+def _sphere(settings: ViewSettings) -> np.ndarray:
+    """Fibonacci sphere about +y: equal-area bands, successive cameras a golden angle apart in azimuth.
+    No camera sits on a pole (|y| <= 1 - 1/views), so each keeps a well-defined level horizon."""
+    i = np.arange(settings.views)
+    y = 1.0 - (2 * i + 1) / settings.views
+    r = np.sqrt(np.maximum(0.0, 1.0 - y * y))
+    phi = i * math.pi * (3.0 - math.sqrt(5.0))
+    return np.stack([r * np.sin(phi), y, r * np.cos(phi)], axis=1)
+
+
+#: Camera layouts by name: unit directions from the origin towards each camera (views, 3).
+LAYOUTS = {"ring": _ring, "sphere": _sphere}
+
+
+def camera_positions(settings: ViewSettings, radius: float = 1.0) -> np.ndarray:
+    """(views, 3) eyes of the layout, at the distance that frames a sphere of ``radius``."""
+    return LAYOUTS[settings.layout](settings) * camera_distance(radius)
 
 
 def cameras(settings: ViewSettings, radius: float = 1.0) -> list[Camera]:
-    """Full cameras for the ring, looking at the origin; near/far bracket the bounding sphere."""
+    """Full cameras looking at the origin, near/far bracketing the bounding sphere. Every camera's
+    right is level (perpendicular to +y), so the up axis is up in every image: a fixed in-plane
+    orientation for any layout."""
     d = camera_distance(radius)
     lc = np.asarray(LIGHT_CAMERA_SPACE, dtype=np.float64)
     lc /= np.linalg.norm(lc)
     out = []
     for i, eye in enumerate(camera_positions(settings, radius)):
-        a = i * 2 * math.pi / settings.views
         back = eye / np.linalg.norm(eye)
-        # The ring's horizontal tangent is the camera's right at every elevation (no pole singularity).
-        right = np.array([math.cos(a), 0.0, -math.sin(a)])
+        if math.hypot(back[0], back[2]) > 1e-9:
+            right = np.array([back[2], 0.0, -back[0]]) / math.hypot(back[0], back[2])
+        else:  # straight above or below (ring at +-90 degrees): the ring's own tangent
+            a = i * 2 * math.pi / settings.views
+            right = np.array([math.cos(a), 0.0, -math.sin(a)])
         up = np.cross(back, right)
         light = lc[0] * right + lc[1] * up + lc[2] * back
         out.append(
@@ -133,6 +178,16 @@ def cameras(settings: ViewSettings, radius: float = 1.0) -> list[Camera]:
             )
         )
     return out
+
+
+def posed(mesh: Mesh, rotation: np.ndarray | None) -> Mesh:
+    """The mesh turned by a proper rotation (3x3) about its centre; the same mesh when None/identity."""
+    if rotation is None or np.array_equal(rotation, np.eye(3)):
+        return mesh
+    from m3d.meshio import Mesh as _Mesh
+
+    v = (np.asarray(mesh.vertices, dtype=np.float64) @ np.asarray(rotation, dtype=np.float64).T).astype(np.float32)
+    return _Mesh(vertices=np.ascontiguousarray(v), faces=mesh.faces)
 
 
 def bounding_radius(vertices: np.ndarray) -> float:
@@ -399,16 +454,12 @@ class RaycastRenderer:
         self.close()
 
 
-RENDERERS: dict[str, type] = {"moderngl": ModernglRenderer, "raycast": RaycastRenderer}
+RENDERER_CLASSES: dict[str, type] = {"moderngl": ModernglRenderer, "raycast": RaycastRenderer}
 
 
-def create_renderer(name: str, settings: ViewSettings = ViewSettings(), **options: Any) -> Renderer:
-    """The renderer called ``name``; M3DError if unknown or unavailable here (no silent fallback)."""
-    try:
-        cls = RENDERERS[name]
-    except KeyError:
-        raise M3DError(f"unknown renderer {name!r}; choose one of: {', '.join(RENDERERS)}") from None
-    return cls(settings, **options)
+def create_renderer(settings: ViewSettings = ViewSettings(), **options: Any) -> Renderer:
+    """The renderer ``settings.renderer``; M3DError if it is unavailable here (no silent fallback)."""
+    return RENDERER_CLASSES[settings.renderer](settings, **options)
 
 
 def coverage(views: np.ndarray) -> np.ndarray:

@@ -226,7 +226,7 @@ class Renders:
                 self.problems[key[1]] = "source not available" + (f" ({path})" if path else "")
             else:
                 try:
-                    views = render_views(path, self.fp)
+                    views = render_views(path, self.fp, payload.get("pose"))
                 except (M3DError, OSError) as exc:
                     self.problems[key[1]] = f"cannot render: {exc}"
             self.cache[key] = views
@@ -765,11 +765,12 @@ def _write_html(session: Session, results: list[CollectionEval], out_dir: Path, 
         body = [list(row.values()) + [r.latency_ms.get(e, {}).get(p, "") for e, p in lat_cols]
                 for row, r in zip(rows, results)]
         out.append(_table(headers, body, best_row=results.index(best) if best else None))
-        settings = [[name, fp.model_id, fp.pool, fp.views, f"{fp.elevation:g}", fp.resolution, fp.renderer]
-                    for name, fp in prints.items() if fp is not None]
+        settings = [[name, fp.model_id, fp.pool, fp.view.layout, fp.view.views, f"{fp.view.elevation:g}", fp.view.up,
+                     fp.view.align, fp.view.size, fp.view.renderer] for name, fp in prints.items() if fp is not None]
         if settings:
             out.append("<p>Pipeline settings (the renders below use exactly these):</p>")
-            out.append(_table(["collection", "model", "pool", "views", "elevation", "resolution", "renderer"],
+            out.append(_table(["collection", "model", "pool", "layout", "views", "elevation", "up", "align",
+                               "resolution", "renderer"],
                               settings, left_cols=3))
 
         classes = sorted({c for r in results for c in r.per_class})

@@ -6,6 +6,8 @@ import re
 from dataclasses import asdict, dataclass
 
 from . import __version__
+from .errors import M3DError, StoreError
+from .render import ViewSettings
 
 COLLECTION_PREFIX = "m3d"
 
@@ -16,6 +18,13 @@ INDEXED_KEYWORDS = ("class", "split", "dataset")
 SYNC_FIELDS = ["path", "dataset", "content_hash", "file_size", "mtime_ns", "pipeline"]
 
 
+#: Payload key of each ViewSettings field inside a point's "pipeline" (resolution = size: the old name).
+VIEW_KEYS = {"views": "views", "elevation": "elevation", "size": "resolution", "renderer": "renderer",
+             "up": "up", "layout": "layout", "align": "align"}
+#: What a point written before a setting existed was made with: the ring about +y, no pose alignment.
+LEGACY_VIEW = {"up": "y", "layout": "ring", "align": "none"}
+
+
 @dataclass(frozen=True)
 class Fingerprint:
     """Everything that decides what a vector means. Two vectors are comparable only when equal."""
@@ -23,22 +32,36 @@ class Fingerprint:
     encoder: str  # the spec that loads the encoder again: alias, hub id or absolute directory
     model_id: str
     pool: str
-    views: int
-    elevation: float
-    resolution: int
-    renderer: str
+    view: ViewSettings
 
     def to_payload(self) -> dict:
-        return asdict(self)
+        view = asdict(self.view)
+        return {"encoder": self.encoder, "model_id": self.model_id, "pool": self.pool,
+                **{key: view[field] for field, key in VIEW_KEYS.items()}}
 
     @classmethod
     def from_payload(cls, data: dict) -> "Fingerprint":
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        """Read a stored fingerprint; settings added after it was written take their LEGACY_VIEW value."""
+        view = {field: data.get(key, LEGACY_VIEW.get(field)) for field, key in VIEW_KEYS.items()}
+        missing = [VIEW_KEYS[f] for f, v in view.items() if v is None]
+        if missing:
+            raise StoreError(f"stored pipeline fingerprint lacks {', '.join(missing)}")
+        view["elevation"] = float(view["elevation"])
+        return cls(encoder=data["encoder"], model_id=data["model_id"], pool=data["pool"], view=ViewSettings(**view))
 
     def differences(self, other: "Fingerprint") -> list[str]:
-        """Human-readable `field: stored -> requested` lines."""
-        mine, theirs = asdict(self), asdict(other)
+        """Human-readable `field: stored -> requested` lines (self is the requested one)."""
+        mine, theirs = self.to_payload(), other.to_payload()
         return [f"{k}: {theirs[k]!r} -> {mine[k]!r}" for k in mine if mine[k] != theirs[k]]
+
+    def matches(self, stored: dict | None) -> bool:
+        """Whether a point's stored "pipeline" payload describes these settings (old points included)."""
+        if stored == self.to_payload():
+            return True
+        try:
+            return stored is not None and Fingerprint.from_payload(stored) == self
+        except (KeyError, TypeError, M3DError):
+            return False
 
 
 def collection_name(encoder_name: str, pool: str) -> str:
@@ -59,6 +82,7 @@ def object_payload(
     vertices: int,
     faces: int,
     fingerprint: Fingerprint,
+    pose: dict | None,
 ) -> dict:
     """The payload stored with every point: what users filter and audit by."""
     return {
@@ -72,5 +96,6 @@ def object_payload(
         "vertices": vertices,
         "faces": faces,
         "pipeline": fingerprint.to_payload(),
+        "pose": pose,  # the rotation applied before rendering (orientation.Pose)
         "m3d_version": __version__,
     }

@@ -3,7 +3,7 @@ fingerprint (renderer, views, resolution, encoder, pool), then ask Qdrant or FAI
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +11,8 @@ import numpy as np
 from .connector import Hit
 from .errors import MeshError, StoreError
 from .meshio import Mesh, load_mesh
-from .render import ViewSettings, create_renderer
+from .orientation import pose
+from .render import create_renderer, posed
 from .schemas import Fingerprint
 from .store import Session
 
@@ -32,12 +33,14 @@ def load_named(mesh_path: Path) -> Mesh:
         raise MeshError(f"{mesh_path}: {exc}") from None
 
 
-def render_views(mesh_path: Path, fp: Fingerprint) -> np.ndarray:
-    """The query mesh rendered exactly as the collection's objects were."""
+def render_views(mesh_path: Path, fp: Fingerprint, stored_pose: dict | None = None) -> np.ndarray:
+    """A mesh rendered exactly as the collection's objects were: with the rotation a stored object
+    recorded (stored_pose), or, for a new mesh, the pose the collection's settings give it."""
     mesh = load_named(mesh_path)
-    renderer = create_renderer(fp.renderer, ViewSettings(views=fp.views, elevation=fp.elevation, size=fp.resolution))
+    rotation = np.asarray(stored_pose["rotation"]) if stored_pose else pose(mesh, fp.view).rotation
+    renderer = create_renderer(fp.view)
     try:
-        return renderer.render(mesh)
+        return renderer.render(posed(mesh, rotation))
     finally:
         renderer.close()
 
@@ -64,12 +67,14 @@ def choose_collection(session: Session, collection: str | None) -> str:
 
 
 def query(session: Session, mesh_path: Path, *, collection: str | None = None, k: int = 5,
-          label: str | None = None, exact: bool = False) -> QueryResult:
+          label: str | None = None, exact: bool = False, up: str | None = None) -> QueryResult:
+    """up names the query mesh's up axis when it does not follow the collection's rule."""
     name = choose_collection(session, collection)
     fp = session.fingerprint(name)
     if fp is None:
         raise StoreError(f"collection {name} is empty")
-    views = render_views(mesh_path, fp)
+    view = fp.view if up is None else replace(fp.view, up=up)
+    views = render_views(mesh_path, replace(fp, view=view))
     vector = embed_views(views, fp)
     if not exact:
         hits = session.vectors.search(name, vector[None], k, label=label)[0]
