@@ -216,7 +216,7 @@ def test_query_gallery_grey_tile_when_a_source_is_gone(store: Path, tree: Path, 
     shutil.copytree(tree, partial, symlinks=True)
     (partial / "Chair" / mesh.name).unlink()
     with open_session(store) as session:
-        session.remember_root("lpsbmini", partial)
+        session.claim_root("lpsbmini", partial, explicit=True)
     try:
         gappy = tmp_path / "gappy.png"
         result = runner.invoke(app, ["query", str(mesh), "--store", str(store), "--exact", "--gallery", str(gappy)])
@@ -225,18 +225,18 @@ def test_query_gallery_grey_tile_when_a_source_is_gone(store: Path, tree: Path, 
         assert _grey_tile_pixels(gappy) > 20000  # one ~200 x 200 px tile, minus its text
     finally:
         with open_session(store) as session:
-            session.remember_root("lpsbmini", tree)
+            session.claim_root("lpsbmini", tree, explicit=True)
 
 
 def test_report_survives_a_dataset_that_is_gone(store: Path, tree: Path, tmp_path: Path) -> None:
     """Every render unavailable: the report still writes every figure, grey tiles and a note say why."""
     with open_session(store) as session:
-        session.remember_root("lpsbmini", tmp_path / "moved-away")
+        session.claim_root("lpsbmini", tmp_path / "moved-away", explicit=True)
         try:
             results = evaluate(session, recall_queries=12)
             index = write_report(session, results, tmp_path / "report")
         finally:
-            session.remember_root("lpsbmini", tree)
+            session.claim_root("lpsbmini", tree, explicit=True)
     for name in FIGURES:
         _check_png(index.parent / name)
     assert _grey_tile_pixels(index.parent / "neighbours.png") > 4 * 6 * 20000

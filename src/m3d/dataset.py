@@ -52,6 +52,13 @@ def point_id(dataset: str, rel_path: str) -> str:
     return str(uuid.uuid5(POINT_NAMESPACE, f"{dataset}/{rel_path}"))
 
 
+def dataset_identity(root: str | Path, dataset: str | None = None) -> tuple[Path, str]:
+    """Where a dataset lives and what it is called, from the path the user gave (absolute, symlinks
+    kept): `current -> v1` re-pointed to v2 is still dataset `current`, never a second copy named v2."""
+    given = Path(os.path.abspath(root))
+    return given, dataset or given.name
+
+
 def content_hash(path: Path) -> str:
     """blake2b of the file bytes: what decides whether a known file changed."""
     digest = hashlib.blake2b(digest_size=16)
@@ -86,11 +93,10 @@ def discover(
 ) -> tuple[list[MeshFile], list[Skip]]:
     """All mesh files under root (sorted by relative path), filtered the way the reference experiment
     selected its subset: by class, by split, the first N per class by file name, then a global limit."""
-    root = Path(root)
-    if not root.is_dir():
+    given, dataset = dataset_identity(root, dataset)
+    if not given.is_dir():
         raise UsageError(f"{root}: not a directory")
-    root = root.resolve()
-    dataset = dataset or root.name
+    root = given.resolve()  # walked through its real path; named after the given one
     wanted = {c.lower() for c in classes} if classes else None
     files: list[MeshFile] = []
     skips: list[Skip] = []

@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .dataset import MeshFile, bytes_hash, content_hash, discover
+from .dataset import MeshFile, bytes_hash, content_hash, dataset_identity, discover
 from .errors import M3DError, StoreError
 from .meshio import DEFAULT_MAX_FACES, load_mesh
 from .orientation import pose
@@ -358,9 +358,12 @@ def sync(
     from .encoders import load_encoder
 
     started = time.perf_counter()
-    root = Path(root).resolve()
-    dataset = dataset or root.name
+    explicit = dataset is not None
+    root, dataset = dataset_identity(root, dataset)
     files, skips = discover(root, classes=classes, split=split, per_class=per_class, limit=limit, dataset=dataset)
+    moved_from = session.claim_root(dataset, root, explicit=explicit)
+    if moved_from:
+        log.warning("dataset %s moved: %s -> %s", dataset, moved_from, root)
     encoders = [load_encoder(spec, device=options.device, precision=options.precision,
                              batch_size=options.batch_size) for spec in options.encoders]
     targets: dict[str, tuple[object, str, Fingerprint]] = {}
@@ -369,7 +372,6 @@ def sync(
             fp = Fingerprint(encoder=spec, model_id=encoder.model_id, pool=pool_name, view=options.view)
             targets[collection_name(encoder.name, pool_name)] = (encoder, pool_name, fp)
     report = SyncReport(str(root), dataset, sorted(targets), discovered=len(files))
-    session.remember_root(dataset, root)
     report.skipped = [asdict(s) for s in skips]
 
     known = _prepare_collections(session, targets, options.rebuild)

@@ -13,7 +13,7 @@ import numpy as np
 from .connector import VectorStore, open_store
 from .connector.exact import ExactIndex, ids_digest
 from .connector.lock import StoreLock
-from .errors import StoreError
+from .errors import StoreError, UsageError
 from .schemas import COLLECTION_PREFIX, Fingerprint
 
 
@@ -126,12 +126,21 @@ class Session:
             })
         return rows
 
-    def remember_root(self, dataset: str, root: Path) -> None:
-        """Where a dataset's files live on this machine (kept locally, never in a shared payload),
-        so figures and galleries can re-render stored objects on demand."""
+    def claim_root(self, dataset: str, root: Path, *, explicit: bool = False) -> str | None:
+        """Record where a dataset's files live on this machine (kept locally, never in a shared
+        payload; figures re-render stored objects from there). A second folder under a name the store
+        already holds would replace that dataset's objects, so it is refused while the first folder
+        still exists; when it is gone (a move), or the user named the dataset with --dataset, the new
+        place is recorded. Returns the previous folder when the dataset moved."""
         roots = self.roots()
-        roots[dataset] = str(Path(root).resolve())
-        self.write_report("roots.json", roots)
+        old, new = roots.get(dataset), str(root)
+        if old is not None and old != new and not explicit and Path(old).is_dir() and not _same_dir(old, new):
+            raise UsageError(f"dataset {dataset!r} is stored from {old}; {new} is another folder with that name: "
+                             "pass --dataset NAME to store it beside")
+        if old != new:
+            roots[dataset] = new
+            self.write_report("roots.json", roots)
+        return old if old is not None and old != new else None
 
     def roots(self) -> dict[str, str]:
         try:
@@ -163,6 +172,13 @@ class Session:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _same_dir(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _same_rows(index: ExactIndex, ids: list[str], vectors: list[np.ndarray]) -> bool:
