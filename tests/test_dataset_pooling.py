@@ -66,7 +66,10 @@ def test_ranking_metrics_by_hand():
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     labels = np.array(["a", "a", "b", "b", "c"])
     m = ranking_metrics(vectors, labels, ks=(1, 2))
-    np.testing.assert_allclose(m["precision"][1], [1, 1, 1, 1, 0])
-    np.testing.assert_allclose(m["precision"][2], [0.5, 0.5, 0.5, 0.5, 0])
+    np.testing.assert_allclose(m["precision"][1][:4], [1, 1, 1, 1])
+    np.testing.assert_allclose(m["precision"][2][:4], [0.5, 0.5, 0.5, 0.5])
     np.testing.assert_allclose(m["ap"][:4], [1, 1, 1, 1])
-    assert np.isnan(m["ap"][4])  # no other object of its class: undefined, left out of mAP
+    np.testing.assert_allclose(m["nn"][:4], [1, 1, 1, 1])
+    # no other object of its class: undefined in every metric, not a 0 that drags p@k and NN down
+    assert all(np.isnan(m[key][4]) for key in ("ap", "nn")) and all(np.isnan(p[4]) for p in m["precision"].values())
+    assert m["scored"].tolist() == [True, True, True, True, False]

@@ -2,7 +2,9 @@
 
 Every object queries its collection; its own point is excluded by id. precision@k is the fraction of
 the k nearest that share the query's class; mAP ranks the whole collection; recall@k compares
-Qdrant's answers with FAISS's exact ones for the same query vectors.
+Qdrant's answers with FAISS's exact ones for the same query vectors. A query whose class has no other
+member cannot be answered right: it is left out of every quality metric (p@k, NN, mAP, per class) and
+counted in ``excluded``, so one convention holds everywhere.
 """
 
 from __future__ import annotations
@@ -30,23 +32,25 @@ class CollectionEval:
     precision: dict[int, float]  # k -> mean precision@k (over min(k, objects - 1) neighbours)
     map: float
     nn_accuracy: float
-    per_class: dict[str, dict[str, float]]  # class -> {"objects", "p@5", "p@10", "map"}
+    per_class: dict[str, dict[str, float]]  # class -> {"objects", "p@5", "p@10", "map"}; scored classes only
     recall_k: int
     recall: float  # mean recall@k of Qdrant against FAISS
     recall_queries: int
     latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # engine -> p50/p95/p99
+    excluded: int = 0  # queries left out of the quality metrics: no other member of their class
 
     def row(self) -> dict:
         row = {"collection": self.collection, "objects": self.objects, "classes": self.classes}
         row.update({f"p@{k}": round(v, 4) for k, v in self.precision.items()})
         row.update({"map": round(self.map, 4), "nn_acc": round(self.nn_accuracy, 4),
-                    f"recall@{self.recall_k}": round(self.recall, 4)})
+                    f"recall@{self.recall_k}": round(self.recall, 4), "excluded": self.excluded})
         return row
 
 
 def ranking_metrics(vectors: np.ndarray, labels: np.ndarray, ks=PRECISION_AT) -> dict:
     """precision@k, AP and nearest-neighbour hits for every row against all others (self excluded),
-    computed exactly on unit vectors in chunks so memory stays bounded."""
+    computed exactly on unit vectors in chunks so memory stays bounded. Rows whose label no other row
+    shares get NaN everywhere and False in "scored": callers average over the scored rows only."""
     n = len(vectors)
     max_k = min(max(ks), n - 1)
     precision = {k: np.zeros(n) for k in ks}
@@ -58,15 +62,23 @@ def ranking_metrics(vectors: np.ndarray, labels: np.ndarray, ks=PRECISION_AT) ->
         sims[np.arange(hi - lo), np.arange(lo, hi)] = -np.inf  # never your own neighbour
         order = np.argsort(-sims, axis=1, kind="stable")[:, : n - 1]
         relevant = labels[order] == labels[lo:hi, None]
-        for k in ks:
-            precision[k][lo:hi] = relevant[:, : min(k, max_k)].mean(axis=1) if max_k else 0.0
-        nn[lo:hi] = relevant[:, 0] if n > 1 else 0.0
-        hits = np.cumsum(relevant, axis=1)
         totals = relevant.sum(axis=1)
+        lone = totals == 0
+        for k in ks:
+            precision[k][lo:hi] = relevant[:, : min(k, max_k)].mean(axis=1) if max_k else np.nan
+            precision[k][lo:hi][lone] = np.nan
+        nn[lo:hi] = np.where(lone, np.nan, relevant[:, 0]) if n > 1 else np.nan
+        hits = np.cumsum(relevant, axis=1)
         ranks = np.arange(1, n)
         with np.errstate(invalid="ignore", divide="ignore"):
             ap[lo:hi] = (relevant * hits / ranks).sum(axis=1) / totals
-    return {"precision": precision, "ap": ap, "nn": nn}
+    return {"precision": precision, "ap": ap, "nn": nn, "scored": np.isfinite(ap)}
+
+
+def _mean(values: np.ndarray) -> float:
+    """Mean over the scored (finite) entries; 0.0 when none is."""
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if len(finite) else 0.0
 
 
 def evaluate_collection(session: Session, name: str, *, recall_k: int = 10, recall_queries: int = 1000,
@@ -76,12 +88,13 @@ def evaluate_collection(session: Session, name: str, *, recall_k: int = 10, reca
     ids = index.ids
     labels = np.array([str(labels_by_id.get(i)) for i in ids])
     metrics = ranking_metrics(index.vectors, labels)
+    scored = metrics["scored"]
     per_class = {}
-    for label in sorted(set(labels)):
+    for label in sorted(set(labels[scored])):
         mask = labels == label
         per_class[label] = {"objects": int(mask.sum()),
-                            **{f"p@{k}": float(metrics["precision"][k][mask].mean()) for k in PRECISION_AT},
-                            "map": float(np.nanmean(metrics["ap"][mask])) if np.isfinite(metrics["ap"][mask]).any() else 0.0}
+                            **{f"p@{k}": _mean(metrics["precision"][k][mask]) for k in PRECISION_AT},
+                            "map": _mean(metrics["ap"][mask])}
 
     # Qdrant against FAISS on the same query vectors (self excluded from both answers).
     sample = np.linspace(0, len(ids) - 1, num=min(recall_queries, len(ids)), dtype=int) if ids else np.array([], int)
@@ -105,9 +118,9 @@ def evaluate_collection(session: Session, name: str, *, recall_k: int = 10, reca
         recall = float(np.mean(recalls))
     return CollectionEval(
         collection=name, objects=len(ids), classes=len(per_class),
-        precision={k_: float(metrics["precision"][k_].mean()) for k_ in PRECISION_AT},
-        map=float(np.nanmean(metrics["ap"])) if np.isfinite(metrics["ap"]).any() else 0.0,
-        nn_accuracy=float(metrics["nn"].mean()), per_class=per_class,
+        precision={k_: _mean(metrics["precision"][k_]) for k_ in PRECISION_AT},
+        map=_mean(metrics["ap"]), nn_accuracy=_mean(metrics["nn"]), per_class=per_class,
+        excluded=int((~scored).sum()),
         recall_k=recall_k, recall=recall, recall_queries=len(sample),
         latency_ms=_latencies(session, name, index, queries[:latency_queries], k=recall_k),
     )
