@@ -39,18 +39,20 @@ def _sample_views(args: argparse.Namespace, objects: int) -> np.ndarray:
 
 def render_stream(args: argparse.Namespace) -> dict:
     """The sync's render stage alone (load, hash, render, blank check in the worker processes)."""
-    from m3d.pipeline import SyncOptions, auto_workers, render_stream as stream
+    from m3d.meshio import DEFAULT_MAX_FACES
+    from m3d.pipeline.engines.local import auto_workers, render_stream as stream
+    from m3d.pipeline.plan import RenderSpec, Task
     from m3d.render import ViewSettings
 
     import torch  # only to ask whether the sync would encode on a GPU (then it leaves a core to feed it)
 
-    files = _files(args)
-    options = SyncOptions(view=ViewSettings(size=args.size, renderer=args.renderer))
+    tasks = [Task(f, frozenset()) for f in _files(args)]
+    spec = RenderSpec(ViewSettings(size=args.size, renderer=args.renderer), DEFAULT_MAX_FACES)
     workers = auto_workers(not torch.cuda.is_available()) if args.workers is None else args.workers
     start, cpu_start = time.perf_counter(), time.process_time()
     views = objects = failed = 0
     busy = 0.0
-    for item in stream(files, options, workers):
+    for item in stream(tasks, spec, workers):
         busy += item.seconds
         if item.views is None:
             failed += 1

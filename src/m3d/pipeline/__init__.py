@@ -1,0 +1,82 @@
+"""The sync: discover -> plan -> stage functions scheduled by an engine -> finalize.
+
+    files --plan--> tasks --[engine: render(task) -> embed(batch) -> write(points)]--> Qdrant
+          --finalize--> prune what is gone, FAISS in step, report
+
+Qdrant is the record of what is done: each point carries its file's content hash and the pipeline
+fingerprint, so a re-run (after a crash, an edit, a new file) plans only the missing work and the
+result is the same as one uninterrupted run. Modules: options (SyncOptions), plan (tasks, targets,
+collections), stages (render / embed / write), finalize (tally, FAISS, report), engines (schedulers).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from ..dataset import dataset_identity, discover
+from ..store import Session
+from .engines import Job, engine
+from .finalize import Progress, SyncReport, Tally, finalize
+from .options import DEFAULT_ENCODERS, DEFAULT_POOLS, EXIT_OK, EXIT_SKIPPED, SyncOptions
+from .plan import build_targets, group_by_encoder, plan_sync, prepare_collections
+from .stages import StageStats, Writer
+
+__all__ = ["DEFAULT_ENCODERS", "DEFAULT_POOLS", "EXIT_OK", "EXIT_SKIPPED", "Progress", "StageStats",
+           "SyncOptions", "SyncReport", "sync"]
+
+log = logging.getLogger("m3d")
+
+
+def sync(
+    session: Session,
+    root: Path,
+    options: SyncOptions,
+    *,
+    classes: list[str] | None = None,
+    split: str | None = None,
+    per_class: int | None = None,
+    limit: int | None = None,
+    dataset: str | None = None,
+    progress: Progress | None = None,
+) -> SyncReport:
+    """Bring the store in step with the meshes under root, doing only the work that is missing."""
+    from ..encoders import load_encoder
+
+    started = time.perf_counter()
+    explicit = dataset is not None
+    root, dataset = dataset_identity(root, dataset)
+    files, skips = discover(root, classes=classes, split=split, per_class=per_class, limit=limit, dataset=dataset)
+    moved_from = session.claim_root(dataset, root, explicit=explicit)
+    if moved_from:
+        log.warning("dataset %s moved: %s -> %s", dataset, moved_from, root)
+    encoders = [load_encoder(spec, device=options.device, precision=options.precision,
+                             batch_size=options.batch_size) for spec in options.encoders]
+    targets = build_targets(encoders, options)
+    report = SyncReport(str(root), dataset, sorted(targets), discovered=len(files))
+    report.skipped = [asdict(s) for s in skips]
+
+    known = prepare_collections(session, targets, options.rebuild)
+    prune = not (classes or split or per_class or limit)
+    plan = plan_sync(files, known, targets, options, dataset, prune)
+    report.unchanged, report.added, report.updated = plan.unchanged, plan.added, plan.updated
+    report.removed = len(plan.remove)
+    if plan.tasks or plan.remove:
+        for name in targets:
+            session.mark_stale(name)  # durably, before Qdrant changes
+    log.info("plan: %d to embed (%d new, %d changed), %d unchanged, %d removed", len(plan.tasks), plan.added,
+             plan.updated, plan.unchanged, len(plan.remove))
+
+    tally = Tally(plan, report, progress)
+    writer = Writer(session, report.stages)
+    writer.start()
+    run_started = time.perf_counter()
+    try:
+        engine("local")(Job(plan, options, group_by_encoder(targets), writer, tally))
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    return finalize(session, plan, tally, started, time.perf_counter() - run_started)

@@ -1,0 +1,224 @@
+"""The local engine: render worker processes, encoding in the calling thread, the writer thread.
+
+    plan.tasks --[render processes: render(task, context)]--> Rendered (at most `window` in flight)
+               --[this thread: embed(batch spanning many objects)]--> Points --[writer thread]--> store
+
+Each render process builds one RenderContext (one GL context) at start and renders the tasks it is
+sent over its own pipe, so the engine knows which tasks were on a worker that died: they are retried,
+each alone on a worker, and a task that kills its worker while alone is skipped with a reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import queue
+import threading
+import time
+from collections import deque
+from multiprocessing.connection import Connection, wait
+from typing import Iterator
+
+from ...errors import M3DError
+from ..plan import RenderSpec, Task
+from ..stages import RenderContext, Rendered, embed, render, write
+from . import Job
+
+log = logging.getLogger("m3d")
+
+CRASHED = "the renderer crashed on this file (worker process died)"
+
+
+def auto_workers(encode_on_cpu: bool = False) -> int:
+    """Render processes. Encoders on a GPU: every core but one (which feeds the GPU). Encoders on the
+    CPU: every core, since rendering and encoding share the cores anyway and the bounded window stops
+    the renderers whenever encoding is the slower stage (measured: 2 workers render ~1.5x faster than 1
+    on a 2-core machine, and the weight-free sync is render-bound)."""
+    cores = os.cpu_count() or 2
+    return max(1, min(cores if encode_on_cpu else cores - 1, 16))
+
+
+def run(job: Job) -> None:
+    """Render in worker processes, embed batches spanning many objects here, write in the writer thread."""
+    options, stats, tally = job.options, job.stats, job.tally
+    encoders = [encoder for encoder, _ in job.encoders.values()]
+    on_cpu = all(str(e.device).startswith("cpu") for e in encoders)
+    workers = auto_workers(on_cpu) if options.workers is None else options.workers
+    tally.report.workers = stats.render_workers = workers
+    batch_images = max(e.batch_size for e in encoders)
+    window = -(-batch_images // job.plan.render.view.views) + 2 * workers  # the next batch renders during an encode
+    batch: list[Rendered] = []
+    batch_views = 0
+    for item in render_stream(job.plan.tasks, job.plan.render, workers, window):
+        stats.render += item.seconds
+        if item.views is None:
+            tally.skipped(item)
+        else:
+            batch.append(item)
+            batch_views += len(item.views)
+        if batch_views >= batch_images:
+            _embed_and_write(batch, job)
+            batch, batch_views = [], 0
+        tally.tick()
+    if batch:
+        _embed_and_write(batch, job)
+
+
+def _embed_and_write(batch: list[Rendered], job: Job) -> None:
+    start = time.perf_counter()
+    points = embed(batch, job.encoders)
+    job.stats.encode += time.perf_counter() - start
+    write(points, job.writer)
+    job.tally.embedded_batch(len(batch))
+
+
+def render_stream(tasks: list[Task], spec: RenderSpec, workers: int, window: int | None = None) -> Iterator[Rendered]:
+    """Rendered tasks in completion order, with at most `window` tasks in flight (flat memory).
+
+    The window should cover one encode batch plus a little: while the caller encodes a batch, the
+    workers keep rendering the next one instead of idling. workers=0 renders in this process."""
+    if workers == 0:
+        context = RenderContext(spec)
+        try:
+            for task in tasks:
+                yield render(task, context)
+        finally:
+            context.close()
+        return
+    pool = _RenderPool(spec, workers)
+    try:
+        yield from pool.stream(tasks, max(window or 0, 4 * workers))
+    finally:
+        pool.close()
+
+
+def serve(spec: RenderSpec, conn: Connection) -> None:
+    """A render process: build the context once, then render each task it is sent until told to stop
+    or until its parent is gone (the pipe closes). A sender thread writes results while the next task
+    renders, so a worker never waits for the parent to read."""
+    try:
+        context = RenderContext(spec)
+    except Exception as exc:  # no renderer on this machine: the parent stops the sync with this line
+        conn.send(f"{type(exc).__name__}: {exc}")
+        return
+    outbox: queue.Queue = queue.Queue()
+    sender = threading.Thread(target=_send_all, args=(outbox, conn), daemon=True)
+    sender.start()
+    try:
+        while True:
+            try:
+                task = conn.recv()
+            except (EOFError, OSError):  # the parent is gone
+                break
+            if task is None:
+                break
+            outbox.put(render(task, context))
+    finally:
+        outbox.put(None)
+        sender.join()
+        context.close()
+
+
+def _send_all(outbox: queue.Queue, conn: Connection) -> None:
+    while (item := outbox.get()) is not None:
+        try:
+            conn.send(item)
+        except OSError:  # the parent is gone
+            return
+
+
+class _Worker:
+    """One render process, its pipe, and the tasks sent to it and not yet answered (in order)."""
+
+    def __init__(self, spec: RenderSpec):
+        ctx = multiprocessing.get_context("spawn")  # GL contexts do not survive fork
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=serve, args=(spec, child), name="m3d-render", daemon=True)
+        self.process.start()
+        child.close()
+        self.in_flight: deque[Task] = deque()
+        self.isolated = False  # running one suspect alone: if it dies now, that task killed it
+
+    def send(self, task: Task) -> None:
+        self.in_flight.append(task)  # first: a task sent to a dying worker is retried, never lost
+        try:
+            self.conn.send(task)
+        except OSError:
+            pass  # the worker died; its sentinel says so and its tasks are retried
+
+    def receive(self) -> Iterator[Rendered]:
+        """Results that have arrived, without blocking."""
+        while True:
+            try:
+                if not self.conn.poll():
+                    return
+                item = self.conn.recv()
+            except (EOFError, OSError):
+                return
+            if isinstance(item, str):
+                raise M3DError(f"render worker could not start: {item}")
+            self.in_flight.popleft()
+            if not self.in_flight:
+                self.isolated = False
+            yield item
+
+    def stop(self, clean: bool) -> None:
+        if clean:
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+        else:
+            self.process.terminate()
+        self.process.join(timeout=10)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
+
+
+class _RenderPool:
+    def __init__(self, spec: RenderSpec, workers: int):
+        self.spec = spec
+        self.workers = [_Worker(spec) for _ in range(workers)]
+
+    def stream(self, tasks: list[Task], window: int) -> Iterator[Rendered]:
+        queued = deque(tasks)
+        suspects: deque[Task] = deque()  # in flight on a worker that died: retried one at a time
+        while queued or suspects or any(w.in_flight for w in self.workers):
+            self._dispatch(queued, suspects, window)
+            wait([w.conn for w in self.workers] + [w.process.sentinel for w in self.workers])
+            for i, worker in enumerate(self.workers):
+                yield from worker.receive()
+                if worker.process.is_alive():
+                    continue
+                yield from worker.receive()  # whatever it sent before it died
+                crashed = list(worker.in_flight)
+                if worker.isolated and len(crashed) == 1:
+                    yield Rendered(crashed[0], reason=CRASHED)
+                elif crashed:
+                    log.warning("a render worker died; retrying its %d files one at a time", len(crashed))
+                    suspects.extend(crashed)
+                worker.stop(clean=False)
+                self.workers[i] = _Worker(self.spec)
+
+    def _dispatch(self, queued: deque[Task], suspects: deque[Task], window: int) -> None:
+        """Suspects go alone to idle workers; while some wait, the least busy worker takes no new
+        tasks so it soon is idle. Other tasks go to the least busy workers, `window` in flight in all."""
+        for worker in self.workers:
+            if suspects and not worker.in_flight:
+                worker.isolated = True
+                worker.send(suspects.popleft())
+        open_ = [w for w in self.workers if not w.isolated]
+        if suspects and open_:
+            open_.remove(min(open_, key=lambda w: len(w.in_flight)))  # drains, then takes a suspect
+        total = sum(len(w.in_flight) for w in self.workers)
+        while queued and open_ and total < window:
+            min(open_, key=lambda w: len(w.in_flight)).send(queued.popleft())
+            total += 1
+
+    def close(self) -> None:
+        clean = not any(w.in_flight for w in self.workers)
+        for worker in self.workers:
+            worker.stop(clean)

@@ -1,0 +1,89 @@
+"""The driver's side of a run, whatever engine scheduled it: the tally of outcomes as they arrive, and
+finalize (prune what is gone, bring FAISS in step with Qdrant, write the report)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from ..store import Session
+from .options import EXIT_OK, EXIT_SKIPPED
+from .plan import Plan
+from .stages import Rendered, StageStats
+
+log = logging.getLogger("m3d")
+
+
+@dataclass
+class SyncReport:
+    root: str
+    dataset: str
+    collections: list[str]
+    discovered: int = 0
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    skipped: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    objects_per_s: float = 0.0
+    stages: StageStats = field(default_factory=StageStats)
+    workers: int = 0
+    exit_status: int = EXIT_OK
+
+    def summary(self) -> dict:
+        data = asdict(self)
+        data["skipped"] = len(self.skipped)
+        return data
+
+
+Progress = Callable[[int, int, SyncReport], None]  # (done, total, report so far)
+
+
+class Tally:
+    """Outcomes as an engine reports them: skips adjust the counts, embedded objects count as done."""
+
+    def __init__(self, plan: Plan, report: SyncReport, progress: Progress | None = None):
+        self.plan, self.report, self.progress = plan, report, progress
+        self.done = self.embedded = 0
+        self.unusable: list[str] = []  # stored from an earlier, readable version: the vector no longer describes the file
+
+    def skipped(self, item: Rendered) -> None:
+        self.report.skipped.append({"rel_path": item.file.rel_path, "reason": item.reason})
+        if item.task.changed:
+            self.report.updated -= 1
+            if item.bad_input:  # its content changed and is now unusable: the old vector goes
+                self.unusable.append(item.task.id)
+        else:
+            self.report.added -= 1
+        self.done += 1
+
+    def embedded_batch(self, count: int) -> None:
+        self.done += count
+        self.embedded += count
+
+    def tick(self) -> None:
+        if self.progress:
+            self.progress(self.done, len(self.plan.tasks), self.report)
+
+
+def finalize(session: Session, plan: Plan, tally: Tally, started: float, elapsed: float) -> SyncReport:
+    """Delete the points of files that are gone or turned unusable, rebuild FAISS where Qdrant
+    changed, and write the report (last, so a crash before it leaves no report of a finished run)."""
+    report = tally.report
+    tally.tick()
+    gone = plan.remove + tally.unusable
+    for name in report.collections:
+        session.vectors.delete(name, gone)
+    session.vectors.flush()
+    changed = bool(plan.tasks or plan.remove)
+    for name in report.collections:
+        index = session.refresh_exact(name, known_ids=None if changed else plan.known[name])
+        log.info("faiss index of %s holds %d points", name, len(index.ids))
+    report.seconds = time.perf_counter() - started
+    report.objects_per_s = tally.embedded / elapsed if tally.embedded and elapsed > 0 else 0.0
+    report.exit_status = EXIT_SKIPPED if report.skipped else EXIT_OK
+    session.write_report("last-sync.json", {**asdict(report)})
+    return report

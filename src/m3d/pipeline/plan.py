@@ -1,0 +1,160 @@
+"""Plan: what must be embedded, as deterministic tasks with stable ids, from the discovered files and
+what the store already holds. Everything decided over the whole dataset is decided here, once, before
+any engine starts; the engines then only schedule the stage functions over `Plan.tasks`."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..dataset import MeshFile, content_hash
+from ..errors import StoreError
+from ..render import ViewSettings
+from ..schemas import SYNC_FIELDS, Fingerprint, collection_name
+from ..store import Session, is_unit
+from .options import SyncOptions
+
+log = logging.getLogger("m3d")
+
+
+@dataclass(frozen=True)
+class RenderSpec:
+    """How every task of a plan is rendered: what a render worker needs to build its context."""
+
+    view: ViewSettings  # cameras, renderer, up axis, layout, pose alignment
+    max_faces: int
+
+
+@dataclass(frozen=True)
+class Task:
+    """One object to (re-)embed. Its id is the point id, stable across runs and machines."""
+
+    file: MeshFile
+    needs: frozenset[str]  # encoder names whose collections lack a fresh point for it
+    changed: bool = False  # stored before with other content
+
+    @property
+    def id(self) -> str:
+        return self.file.point_id
+
+
+@dataclass(frozen=True)
+class Target:
+    """One collection the sync fills: (encoder, pool) and the fingerprint its points carry."""
+
+    collection: str
+    encoder: Any  # a loaded m3d.encoders.Encoder
+    pool: str
+    fingerprint: Fingerprint
+
+
+@dataclass
+class Plan:
+    tasks: list[Task]  # sorted by relative path
+    remove: list[str]  # point ids of files gone from the dataset: deleted from every collection
+    render: RenderSpec
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    known: dict[str, list[str]] = field(default_factory=dict)  # collection -> ids it held before the run
+
+
+def build_targets(encoders: list, options: SyncOptions) -> dict[str, Target]:
+    """collection name -> Target, one per (encoder, pool). Engines that load encoders elsewhere (an
+    encode actor) call this with their own copies and get the same fingerprints."""
+    targets: dict[str, Target] = {}
+    for spec, encoder in zip(options.encoders, encoders):
+        for pool_name in options.pools:
+            fp = Fingerprint(encoder=spec, model_id=encoder.model_id, pool=pool_name, view=options.view)
+            name = collection_name(encoder.name, pool_name)
+            targets[name] = Target(name, encoder, pool_name, fp)
+    return targets
+
+
+def group_by_encoder(targets: dict[str, Target]) -> dict[str, tuple[Any, list[Target]]]:
+    """encoder name -> (encoder, its targets): each encoder runs once per batch, each pool once after it."""
+    grouped: dict[str, tuple[Any, list[Target]]] = {}
+    for target in targets.values():
+        grouped.setdefault(target.encoder.name, (target.encoder, []))[1].append(target)
+    return grouped
+
+
+def prepare_collections(session: Session, targets: dict[str, Target], rebuild: bool) -> dict[str, dict[str, dict]]:
+    """Create missing collections; refuse (or, with rebuild, drop) ones made with other settings.
+    Returns what each collection holds: point id -> the payload fields that decide freshness."""
+    known: dict[str, dict[str, dict]] = {}
+    existing = set(session.collections())
+    for name, target in targets.items():
+        encoder, fp = target.encoder, target.fingerprint
+        if name in existing:
+            stored = session.fingerprint(name)
+            dim_differs = session.vectors.dim(name) != encoder.dim
+            if (stored is not None and stored != fp) or dim_differs:
+                if not rebuild:
+                    diff = "; ".join(fp.differences(stored)) if stored else f"dim {session.vectors.dim(name)} -> {encoder.dim}"
+                    raise StoreError(f"collection {name} was built with other settings ({diff}); "
+                                     "run again with --rebuild to replace it")
+                session.drop(name)
+        session.vectors.ensure_collection(name, encoder.dim)
+        known[name] = {}
+        for rec in session.vectors.records(name, fields=SYNC_FIELDS, vectors=True):
+            if is_unit(rec.vector):
+                known[name][rec.id] = rec.payload
+            else:  # every stored vector is unit length; anything else is damage: embed it again
+                log.warning("%s: point %s (%s) has a damaged vector; it will be embedded again",
+                            name, rec.id, rec.payload.get("path"))
+    return known
+
+
+def plan_sync(files: list[MeshFile], known: dict[str, dict[str, dict]], targets: dict[str, Target],
+              options: SyncOptions, dataset: str, prune: bool) -> Plan:
+    """Compare the files with what each collection holds (id -> payload) and list the work: a point
+    is fresh when its file's content and its pipeline fingerprint both match."""
+    plan = Plan([], [], RenderSpec(options.view, options.max_faces),
+                known={name: list(records) for name, records in known.items()})
+    present = {f.point_id for f in files}
+    hash_cache: dict[str, str] = {}
+    for file in files:
+        pid = file.point_id
+        missing: set[str] = set()
+        changed = False
+        for name, records in known.items():
+            record = records.get(pid)
+            if record is None or not targets[name].fingerprint.matches(record.get("pipeline")):
+                missing.add(targets[name].encoder.name)
+            elif not same_content(file, record, hash_cache):
+                missing.add(targets[name].encoder.name)
+                changed = True
+        if not missing:
+            plan.unchanged += 1
+            continue
+        plan.tasks.append(Task(file, frozenset(missing), changed))
+        if changed:
+            plan.updated += 1
+        else:
+            plan.added += 1
+    if prune:
+        stale = set()
+        for records in known.values():
+            stale |= {pid for pid, rec in records.items() if rec.get("dataset") == dataset and pid not in present}
+        plan.remove = sorted(stale)
+    return plan
+
+
+def same_content(file: MeshFile, record: dict, hash_cache: dict[str, str]) -> bool:
+    """Unchanged when size and mtime match; otherwise when the content hash still matches."""
+    try:
+        stat = file.path.stat()
+    except OSError:
+        return False
+    if record.get("file_size") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns:
+        return True
+    if record.get("file_size") != stat.st_size:
+        return False
+    if file.rel_path not in hash_cache:
+        try:
+            hash_cache[file.rel_path] = content_hash(file.path)
+        except OSError:
+            return False
+    return hash_cache[file.rel_path] == record.get("content_hash")
