@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import M3DError, UsageError
+from .errors import M3DError, UsageError, printable
 
 app = typer.Typer(
     help="Turn 3D meshes into search vectors and keep them in Qdrant.\n\n"
@@ -59,7 +59,7 @@ def friendly(command):
         try:
             return command(*args, **kwargs)
         except M3DError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            typer.echo(f"error: {printable(exc)}", err=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             typer.echo("interrupted: run the same command again to finish the work", err=True)
@@ -80,20 +80,26 @@ def _csv(value: str | None) -> list[str] | None:
 
 
 def _table(title: str, rows: list[dict]):
+    """A rich table whose cells are plain text: names like `x[/bold].off` are shown, never read as markup."""
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title)
+    table = Table(title=Text(printable(title)))
     for i, key in enumerate(rows[0] if rows else []):
         table.add_column(str(key), justify="right" if isinstance(rows[0][key], (int, float)) else "left",
                          no_wrap=i == 0)  # the first column names the row: never cut it
     for row in rows:
-        table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()])
+        table.add_row(*[Text(f"{v:.4f}" if isinstance(v, float) else printable(v)) for v in row.values()])
     return table
 
 
 def _print(obj) -> None:
+    """A table, or plain text line by line (never markup: every message may carry user text)."""
     from rich.console import Console
+    from rich.text import Text
 
+    if isinstance(obj, str):
+        obj = Text("\n".join(printable(line) for line in obj.split("\n")))
     Console().print(obj)
 
 
@@ -154,7 +160,7 @@ def sync(
         typer.echo(json.dumps(report.summary(), indent=2))
     else:
         s = report
-        _print(f"[bold]{s.discovered}[/] meshes: {s.added} added, {s.updated} updated, {s.unchanged} unchanged, "
+        _print(f"{s.discovered} meshes: {s.added} added, {s.updated} updated, {s.unchanged} unchanged, "
                f"{s.removed} removed, {len(s.skipped)} skipped  ({s.seconds:.1f} s, {s.objects_per_s:.1f} objects/s, "
                f"bottleneck: {s.stages.bottleneck()})")
         for skip in s.skipped[:10]:
@@ -321,7 +327,13 @@ def check(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
     else:
-        _print(_table("store check", rows) if rows else "no collections")
+        notes = {k: [(r["collection"], r[k]) for r in rows if r[k]] for k in ("problems", "repaired")}
+        _print(_table("store check", [{k: v for k, v in r.items() if k not in notes} for r in rows])
+               if rows else "no collections")
+        for name, text in notes["problems"]:
+            _print(f"{name}: {text}")
+        for name, text in notes["repaired"]:
+            _print(f"{name}: repaired: {text}")
     if not all(r["ok"] for r in rows):
         raise typer.Exit(1)
 

@@ -120,6 +120,10 @@ def discover(
             path = here / name
             rel = path.relative_to(root)
             rel_path = rel.as_posix()
+            shown = os.fsencode(rel_path).decode("utf-8", "backslashreplace")
+            if shown != rel_path:  # undecodable bytes: no id, payload or report can hold this name
+                skips.append(Skip(shown, "file name is not valid UTF-8: rename it (e.g. convmv -f latin1 -t utf8)"))
+                continue
             parsed = label_and_split(rel.parts)
             if parsed is None:
                 skips.append(Skip(rel_path, "mesh at the dataset root has no class folder"))

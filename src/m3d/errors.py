@@ -7,6 +7,13 @@ def one_line(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def printable(value: object) -> str:
+    """User text made safe to show: control characters (terminal escape sequences, undecodable bytes
+    of a file name) become visible escapes instead of acting."""
+    text = str(value)
+    return text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 class M3DError(Exception):
     """Base class: a problem with the user's input or environment, never a bug. The message is
     always one line, whatever the library underneath said."""
@@ -41,3 +48,18 @@ class StoreBusyError(M3DError):
 
 class StoreError(M3DError):
     """The store refused an operation (unreachable server, incompatible collection, ...)."""
+
+
+def no_space(path) -> StoreError:
+    """The one line for a full disk: where, and how much is left."""
+    import shutil
+    from pathlib import Path
+
+    where = Path(path)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = f"{shutil.disk_usage(where).free / 1e6:.0f} MB free"
+    except OSError:
+        free = "free space unknown"
+    return StoreError(f"store {path}: no space left ({free})")

@@ -11,6 +11,7 @@ changes no global backend state of the caller.
 
 from __future__ import annotations
 
+import functools
 import html
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import M3DError
+from .errors import M3DError, printable
 from .schemas import COLLECTION_PREFIX, Fingerprint
 from .store import Session
 
@@ -135,7 +136,7 @@ def resolve_queries(payloads: dict[str, dict], queries: list[str]) -> list[str]:
     by_path = {str(p.get("path")): pid for pid, p in payloads.items()}
     ids = []
     for q in queries:
-        q_norm = q.replace("\\", "/").strip("/")
+        q_norm = q if q in by_path else q.replace("\\", "/").strip("/")  # a name may hold a backslash
         if q_norm in by_path:
             ids.append(by_path[q_norm])
             continue
@@ -301,7 +302,7 @@ def _wrap_name(name: str, width: int = 14) -> str:
 
 
 def _short(text: str, limit: int = 26) -> str:
-    text = str(text)
+    text = printable(text)
     return text if len(text) <= limit else "\u2026" + text[-(limit - 1):]
 
 
@@ -588,6 +589,21 @@ def plot_recall_latency(results: list[CollectionEval], path: Path) -> Path:
 # The report
 
 
+def _text_is_data(draw):
+    """Every string on these figures is data (class and file names): `$\\bogus$` is drawn as typed,
+    never parsed as mathtext."""
+
+    @functools.wraps(draw)
+    def plain(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return plain
+
+
+@_text_is_data
 def write_report(session: Session, results: list[CollectionEval], out_dir: Path, *,
                  queries: list[str] | None = None, k: int = K) -> Path:
     """Figures (PNG), the eval numbers (CSV/JSON) and index.html showing them, in out_dir; returns
@@ -677,6 +693,7 @@ def _activation_figure(fp: Fingerprint | None, rows: list[GalleryRow], payloads:
     return []
 
 
+@_text_is_data
 def query_gallery(session: Session, result: QueryResult, title: str, path: Path) -> Path:
     """`m3d query --gallery`: the query's view 0 and its neighbours' view 0 in one row, titled with
     class and score (neighbours rendered again from their sources with the collection's settings)."""

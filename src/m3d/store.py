@@ -35,11 +35,11 @@ class Session:
 
     @property
     def exact_dir(self) -> Path:
-        return self.store_dir / "faiss"
+        return _own_dir(self.store_dir / "faiss")
 
     @property
     def reports_dir(self) -> Path:
-        return self.store_dir / "reports"
+        return _own_dir(self.store_dir / "reports")
 
     def collections(self) -> list[str]:
         return [c for c in self.vectors.collections() if c.startswith(COLLECTION_PREFIX + "_")]
@@ -56,7 +56,7 @@ class Session:
         return None
 
     def _stale_marker(self, name: str) -> Path:
-        return self.exact_dir / f"{name}.stale"
+        return self.store_dir / "faiss" / f"{name}.stale"  # read where it would be, even when faiss/ is damaged
 
     def mark_stale(self, name: str) -> None:
         """Say, durably and before Qdrant changes, that the FAISS index no longer describes it: a
@@ -93,38 +93,78 @@ class Session:
 
     def drop(self, name: str) -> None:
         self.vectors.drop_collection(name)
+        self.drop_exact(name)
+
+    def drop_exact(self, name: str) -> None:
         ExactIndex.remove(self.exact_dir, name)
         self._stale_marker(name).unlink(missing_ok=True)
 
     def check(self, repair: bool = False) -> list[dict]:
         """Per collection: Qdrant count, FAISS count, whether they hold the same ids, fingerprints seen,
-        and vectors that are not unit length (damage a re-run of `m3d sync` re-embeds)."""
+        vectors that are not unit length (damage a re-run of `m3d sync` re-embeds) and damage to the
+        store's files. With repair: set aside misplaced store files, rewrite collection settings and
+        payload indexes, set aside collections whose points cannot be read, rebuild FAISS."""
         rows = []
+        damage = self._layout_damage()
+        if damage:
+            done = [f"set aside {self._set_aside_file(path)}" for path, _ in damage] if repair else []
+            rows.append(_row("(store files)", problems=[why for _, why in damage], repaired=done, ok=bool(done)))
         for name in self.collections():
-            ids, vectors, prints, damaged = [], [], set(), 0
+            rows.append(self._check_collection(name, repair))
+        return rows
+
+    def _check_collection(self, name: str, repair: bool) -> dict:
+        problems, done = [], []
+        ids, vectors, prints, damaged = [], [], set(), 0
+        try:
+            problems = self.vectors.problems(name)
+            if repair and problems:
+                done = self.vectors.repair(name)
+                problems = self.vectors.problems(name)
             for rec in self.vectors.records(name, fields=["pipeline"], vectors=True):
                 ids.append(rec.id)
                 vectors.append(rec.vector)
                 prints.add(json.dumps(rec.payload.get("pipeline"), sort_keys=True))
                 damaged += not is_unit(rec.vector)
-            index = ExactIndex.load(self.exact_dir, name)
-            in_step = (not self._stale_marker(name).exists() and index is not None
-                       and _same_rows(index, ids, vectors))
-            repaired = False
-            if repair and not in_step:
-                index = self.refresh_exact(name)
-                in_step, repaired = True, True
-            rows.append({
-                "collection": name,
-                "qdrant_points": len(ids),
-                "faiss_points": None if index is None else len(index.ids),
-                "in_step": in_step,
-                "repaired": repaired,
-                "fingerprints": len(prints),
-                "damaged_vectors": damaged,
-                "ok": in_step and len(prints) <= 1 and damaged == 0,
-            })
-        return rows
+        except StoreError as exc:  # the points themselves cannot be read: only a new sync brings them back
+            if repair:
+                where = self.vectors.set_aside(name, self.store_dir / "damaged")
+                self.drop_exact(name)
+                done.append(f"set aside {where}: run `m3d sync` to embed it again")
+            return _row(name, problems=list(dict.fromkeys([*problems, str(exc)])), repaired=done, ok=False)
+        index = ExactIndex.load(self.store_dir / "faiss", name)
+        in_step = (not self._stale_marker(name).exists() and index is not None
+                   and _same_rows(index, ids, vectors))
+        if repair and not in_step:
+            index = self.refresh_exact(name)
+            in_step = True
+            done.append("rebuilt FAISS")
+        return _row(name, qdrant_points=len(ids), faiss_points=None if index is None else len(index.ids),
+                    in_step=in_step, fingerprints=len(prints), damaged_vectors=damaged, problems=problems,
+                    repaired=done, ok=in_step and len(prints) <= 1 and damaged == 0 and not problems)
+
+    def _layout_damage(self) -> list[tuple[Path, str]]:
+        """Store files of the wrong kind (a file where a folder belongs, or the reverse) or with
+        unreadable content, each with its one-line description."""
+        found = []
+        for rel, is_dir in LAYOUT.items():
+            path = self.store_dir / rel
+            if (path.exists() or path.is_symlink()) and path.is_dir() != is_dir:
+                found.append((path, f"{path} should be a {'directory' if is_dir else 'file'}"))
+        if not found:
+            try:
+                self.roots()
+            except StoreError as exc:
+                found.append((self.store_dir / "reports" / "roots.json", str(exc)))
+        return found
+
+    def _set_aside_file(self, path: Path) -> Path:
+        """Rename a damaged store file out of the way (kept, never deleted: it may hold someone's work)."""
+        target, n = path.with_name(path.name + ".damaged"), 1
+        while target.exists() or target.is_symlink():
+            target, n = path.with_name(f"{path.name}.damaged{n}"), n + 1
+        path.rename(target)
+        return target
 
     def claim_root(self, dataset: str, root: Path, *, explicit: bool = False) -> str | None:
         """Record where a dataset's files live on this machine (kept locally, never in a shared
@@ -143,10 +183,18 @@ class Session:
         return old if old is not None and old != new else None
 
     def roots(self) -> dict[str, str]:
+        """dataset -> folder on this machine ({} before the first sync); damage is named, never guessed."""
+        path = self.store_dir / "reports" / "roots.json"
         try:
-            return json.loads((self.reports_dir / "roots.json").read_text())
-        except (OSError, ValueError):
+            roots = json.loads(path.read_text())
+        except FileNotFoundError:
             return {}
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{path} cannot be read ({type(exc).__name__}): `m3d check --repair` sets it aside") from None
+        if not isinstance(roots, dict) or not all(isinstance(v, str) for v in roots.values()):
+            raise StoreError(f"{path} is damaged (a {type(roots).__name__}, not dataset -> folder): "
+                             "`m3d check --repair` sets it aside")
+        return roots
 
     def source_path(self, payload: dict) -> Path | None:
         """The local file of a stored object, when its dataset was synced from this machine."""
@@ -156,6 +204,8 @@ class Session:
     def write_report(self, name: str, report: dict) -> Path:
         self.reports_dir.mkdir(parents=True, exist_ok=True)
         path = self.reports_dir / name
+        if path.is_dir():
+            raise StoreError(f"{path} should be a file but is a directory: `m3d check --repair` sets it aside")
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(report, indent=2, default=str))
         tmp.replace(path)
@@ -172,6 +222,26 @@ class Session:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+#: The store's own files and whether each is a directory; anything else in one of these places is damage.
+LAYOUT = {"qdrant": True, "faiss": True, "reports": True, "reports/last-sync.json": False,
+          "reports/roots.json": False}
+
+
+def _own_dir(path: Path) -> Path:
+    """A store folder, or one line saying what is in its place."""
+    if (path.exists() or path.is_symlink()) and not path.is_dir():
+        raise StoreError(f"{path} should be a directory: `m3d check --repair` sets aside what is there")
+    return path
+
+
+def _row(name: str, *, qdrant_points=None, faiss_points=None, in_step=False, fingerprints=0, damaged_vectors=0,
+         problems=(), repaired=(), ok=False) -> dict:
+    """One line of `m3d check`: the same columns for every collection and for the store's own files."""
+    return {"collection": name, "qdrant_points": qdrant_points, "faiss_points": faiss_points, "in_step": in_step,
+            "fingerprints": fingerprints, "damaged_vectors": damaged_vectors, "problems": "; ".join(problems),
+            "repaired": "; ".join(repaired), "ok": ok}
 
 
 def _same_dir(a: str, b: str) -> bool:

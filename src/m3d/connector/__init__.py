@@ -64,6 +64,15 @@ class VectorStore(Protocol):
     def flush(self) -> None:
         """Make every acknowledged write durable."""
 
+    def problems(self, name: str) -> list[str]:
+        """Damage to a collection's settings or payload indexes that `repair` fixes (one line each)."""
+
+    def repair(self, name: str) -> list[str]:
+        """Fix what `problems` found; returns what was done."""
+
+    def set_aside(self, name: str, where: Path) -> Path:
+        """Move a collection whose points cannot be read out of the store (a sync then rebuilds it)."""
+
     def close(self) -> None: ...
 
 

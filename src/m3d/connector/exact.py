@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +69,7 @@ class ExactIndex:
             with np.load(directory / f"{name}.faiss.npz") as data:
                 index = faiss.deserialize_index(data["index"])
                 ids = [str(i) for i in data["ids"]]
-        except (OSError, RuntimeError, ValueError, KeyError):
+        except (OSError, RuntimeError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # missing or damaged
             return None
         if index.ntotal != len(ids):
             return None

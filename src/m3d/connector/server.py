@@ -42,7 +42,8 @@ class ServerStore:
         self._api_key = api_key
         self._retries = retries
         self._backoff_s = backoff_s
-        if url == ":memory:":
+        self._local = url == ":memory:"
+        if self._local:
             self.client = QdrantClient(location=":memory:")
             return
         parts = urlsplit(url)
@@ -169,6 +170,30 @@ class ServerStore:
 
     def flush(self) -> None:
         """Writes are acknowledged with wait=True; nothing is buffered here."""
+
+    def _missing_indexes(self, name: str) -> list[str]:
+        if self._local:  # qdrant-client's in-process mode keeps no payload indexes at all
+            return []
+        info = self._call(f"read collection {name}", lambda: self.client.get_collection(name))
+        return [key for key in INDEXED_KEYWORDS if key not in (info.payload_schema or {})]
+
+    def problems(self, name: str) -> list[str]:
+        missing = self._missing_indexes(name)
+        return [f"collection {name} has no payload index on {', '.join(missing)}: `m3d check --repair` builds it"] \
+            if missing else []
+
+    def repair(self, name: str) -> list[str]:
+        from qdrant_client import models
+
+        missing = self._missing_indexes(name)
+        for key in missing:
+            self._call(f"index {key} of {name}",
+                       lambda key=key: self.client.create_payload_index(name, key, models.PayloadSchemaType.KEYWORD))
+        return [f"built payload index on {', '.join(missing)}"] if missing else []
+
+    def set_aside(self, name: str, where) -> None:
+        raise StoreError(f"{self.location}: collection {name} cannot be read; a server's collections are not moved "
+                         "from here: drop it on the server, then run `m3d sync` to rebuild it")
 
     def close(self) -> None:
         self.client.close()
