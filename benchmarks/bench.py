@@ -38,6 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "tests"))  # the random-checkpoint fixture lives with the tests, not in the package
 
 REF_PYTHON = HERE / ".venv-ref" / "bin" / "python"
 CACHE = HERE / ".cache"
@@ -152,7 +153,7 @@ def machine() -> dict:
 
 def checkpoints() -> dict[str, Path]:
     """Full-size CLIP ViT-B/32 and DINOv2 ViT-B/14 with random weights, saved once (same compute as pretrained)."""
-    from m3d.encoders import save_random_checkpoint
+    from checkpoints import save_random_checkpoint  # tests/checkpoints.py (on sys.path above)
 
     out = {}
     for family in ("clip", "dinov2"):

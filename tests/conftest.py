@@ -21,10 +21,10 @@ def lpsb() -> Path:
 def ckpts(tmp_path_factory) -> dict[str, Path]:
     """Tiny randomly initialised CLIP and DINOv2 checkpoints saved to disk: loaded through the same
     load_encoder(path) code as hub checkpoints (no hub is reachable in tests)."""
-    from m3d.encoders import save_random_checkpoint
+    from checkpoints import save_random_checkpoint
 
     root = tmp_path_factory.mktemp("ckpt")
-    return {fam: save_random_checkpoint(fam, root / f"tiny-{fam}") for fam in ("clip", "dinov2")}
+    return {fam: save_random_checkpoint(fam, root / f"tiny-{fam}", tokenizer=fam == "clip") for fam in ("clip", "dinov2")}
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -19,19 +20,19 @@ import numpy as np
 import pytest
 import torch
 
+from checkpoints import save_random_checkpoint
 from m3d.encoders import (
     ALIASES,
     FAMILIES,
     HogParams,
     ModelLoadError,
-    _transformers_quiet,
     cpu_has_fast_bf16,
     hog_descriptor,
     load_encoder,
     resize_uint8,
     resolve_precision,
-    save_random_checkpoint,
 )
+from m3d.encoders.hub import transformers_quiet
 
 
 @pytest.fixture(scope="session")
@@ -69,15 +70,19 @@ def test_registry_is_data() -> None:
     assert ALIASES["clip"] == "openai/clip-vit-base-patch32"
     assert ALIASES["dinov2"] == "facebook/dinov2-base"
     assert ALIASES["hog"].startswith("hog:")
-    assert FAMILIES["clip"].model_types == ("clip", "clip_vision_model")
-    assert FAMILIES["dinov2"].model_types == ("dinov2",)
+    assert FAMILIES["clip"].model_types == ("clip",) and FAMILIES["clip"].can_text
+    assert FAMILIES["clip_vision"].model_types == ("clip_vision_model",) and not FAMILIES["clip_vision"].can_text
+    assert FAMILIES["dinov2"].model_types == ("dinov2",) and not FAMILIES["dinov2"].can_text
+    assert not FAMILIES["hog"].can_text
 
 
 def test_tiny_checkpoints_load_by_path(ckpts: dict[str, Path], encoders: dict, renders: np.ndarray) -> None:
     for fam, dim in (("clip", 24), ("dinov2", 32)):
         enc = encoders[fam]
         assert enc.name == f"tiny_{fam}"
-        assert enc.model_id == str(ckpts[fam]) and Path(enc.model_id).is_absolute()
+        # the stored identity is the folder's name and a weights digest, never the local path
+        assert re.fullmatch(rf"local:tiny_{fam}@sha256:[0-9a-f]{{16}}", enc.model_id) and enc.spec == enc.model_id
+        assert enc.checkpoint == str(ckpts[fam]) and "/" not in enc.model_id
         assert (enc.dim, enc.device, enc.precision, enc.batch_size) == (dim, "cpu", "fp32", 32)
         out = enc.encode(renders)
         assert out.shape == (16, dim) and out.dtype == torch.float32 and out.device.type == "cpu"
@@ -149,7 +154,7 @@ def test_float_resize_path_matches_pil(renders: np.ndarray) -> None:
     """The path non-CPU devices take (float passes + uint8 rounding) agrees with PIL to 1 grey level."""
     from PIL import Image
 
-    import m3d.encoders as E
+    import m3d.encoders.preprocess as E
 
     x = torch.from_numpy(renders[:4]).permute(0, 3, 1, 2)
     floaty = E._resize_float(x, (256, 256), "bicubic")
@@ -167,7 +172,7 @@ def test_float_resize_path_matches_pil(renders: np.ndarray) -> None:
 def test_clip_returns_projected_image_embeds(ckpts: dict, encoders: dict, renders: np.ndarray) -> None:
     from transformers import CLIPVisionModelWithProjection
 
-    with _transformers_quiet():
+    with transformers_quiet():
         model = CLIPVisionModelWithProjection.from_pretrained(str(ckpts["clip"])).eval()
     with torch.inference_mode():
         out = model(pixel_values=_hf_pixels(ckpts["clip"], renders))
@@ -182,7 +187,7 @@ def test_clip_vision_only_checkpoint_is_detected(
     from transformers import CLIPVisionModelWithProjection
 
     vision = tmp_path / "clip-vision"
-    with _transformers_quiet():
+    with transformers_quiet():
         CLIPVisionModelWithProjection.from_pretrained(str(ckpts["clip"])).save_pretrained(vision)
     (vision / "preprocessor_config.json").write_text((ckpts["clip"] / "preprocessor_config.json").read_text())
     assert json.loads((vision / "config.json").read_text())["model_type"] == "clip_vision_model"
@@ -194,7 +199,7 @@ def test_clip_vision_only_checkpoint_is_detected(
 def test_dinov2_returns_cls_token(ckpts: dict, encoders: dict, renders: np.ndarray) -> None:
     from transformers import Dinov2Model
 
-    with _transformers_quiet():
+    with transformers_quiet():
         model = Dinov2Model.from_pretrained(str(ckpts["dinov2"])).eval()
     with torch.inference_mode():
         hidden = model(pixel_values=_hf_pixels(ckpts["dinov2"], renders)).last_hidden_state
@@ -358,3 +363,41 @@ def test_hog_specs() -> None:
     assert HogParams.parse("hog:ppc8-cpb3-o12-s64").dim == 6 * 6 * 9 * 12
     with pytest.raises(ModelLoadError, match="HOG"):
         load_encoder("hog:ppc16")
+
+
+# ---------------------------------------------------------------- text tower
+
+
+def test_clip_text_embeds_are_get_text_features(ckpts: dict, encoders: dict) -> None:
+    """The tiny tokenizer saved beside the tiny CLIP: encode_text is CLIPModel.get_text_features on the
+    same tokens (the projected text embeds that share the image embeds' space)."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    texts = ["a wooden chair with armrests", "table", "an airplane seen from the side"]
+    with transformers_quiet():
+        model = CLIPModel.from_pretrained(str(ckpts["clip"])).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(ckpts["clip"]))
+    tokens = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        ref = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+    ref = getattr(ref, "pooler_output", ref)  # transformers 5 returns an output object
+    mine = encoders["clip"].encode_text(texts)
+    assert mine.shape == (3, 24) == (3, encoders["clip"].dim)
+    torch.testing.assert_close(mine, ref, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(mine[0], mine[1], atol=1e-3)  # different sentences, different vectors
+
+
+def test_text_capability_comes_from_the_registry(tmp_path: Path, ckpts: dict, encoders: dict) -> None:
+    from m3d.encoders import family_of
+
+    assert family_of(str(ckpts["clip"])).can_text and not family_of(str(ckpts["dinov2"])).can_text
+    assert not family_of("hog").can_text
+    with pytest.raises(ModelLoadError, match="no text tower"):
+        encoders["dinov2"].encode_text(["a chair"])
+    no_tokenizer = tmp_path / "clip-no-tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
+        (no_tokenizer / name).write_bytes((ckpts["clip"] / name).read_bytes())
+    with pytest.raises(ModelLoadError, match="tokenizer") as err:
+        load_encoder(str(no_tokenizer), precision="fp32").encode_text(["a chair"])
+    assert "\n" not in str(err.value)

@@ -1,6 +1,8 @@
 """The whole path on real meshes and real stores: sync, incremental re-sync, fingerprints, bad files,
 query (Qdrant and FAISS), eval, and the server code path through qdrant-client's in-process mode."""
 
+import json
+import re
 import shutil
 
 import numpy as np
@@ -177,7 +179,7 @@ def test_neural_encoders_from_checkpoint_directories(tree, tmp_path, ckpts):
         report = sync(session, tree, options)
         assert report.collections == ["m3d_tiny_clip_attn", "m3d_tiny_clip_mean", "m3d_tiny_dinov2_attn",
                                       "m3d_tiny_dinov2_mean"]
-        assert session.fingerprint("m3d_tiny_clip_mean").model_id == str(ckpts["clip"])
+        assert re.fullmatch(r"local:tiny_clip@sha256:[0-9a-f]{16}", session.fingerprint("m3d_tiny_clip_mean").model_id)
         dims = {name: session.vectors.dim(name) for name in report.collections}
         assert len(set(dims.values())) == 2  # CLIP projection dim vs DINOv2 hidden size
         for name in report.collections:
@@ -186,6 +188,35 @@ def test_neural_encoders_from_checkpoint_directories(tree, tmp_path, ckpts):
         assert result.hits[0].payload["path"] == "Airplane/train/62.off"
         assert result.hits[0].score == pytest.approx(1.0, abs=1e-4)
         assert sync(session, tree, options).unchanged == 9
+
+
+def test_local_checkpoint_paths_never_reach_the_payload(tree, tmp_path, ckpts):
+    """A checkpoint directory is stored as its name and a weights digest: no point, fingerprint or
+    collection name holds the local path; this store remembers the path locally so query still works,
+    and elsewhere (or after a move) --checkpoint DIR with the same weights does."""
+    from m3d.errors import ModelLoadError
+
+    private = tmp_path / "home" / "alice" / "private_clip"
+    shutil.copytree(ckpts["clip"], private)
+    options = SyncOptions(encoders=(str(private),), pools=("mean",), workers=0, precision="fp32")
+    with open_session(tmp_path / "store") as session:
+        assert sync(session, tree, options).collections == ["m3d_private_clip_mean"]
+        records = list(session.vectors.records("m3d_private_clip_mean", vectors=False))
+        assert len(records) == 9
+        assert not any("alice" in json.dumps(r.payload) for r in records)
+        fp = session.fingerprint("m3d_private_clip_mean")
+        assert fp.encoder == fp.model_id and fp.model_id.startswith("local:private_clip@sha256:")
+        assert session.checkpoints() == {fp.model_id: str(private)}  # local metadata, beside roots.json
+        mesh = tree / "Chair" / "train" / "101.off"
+        assert query(session, mesh, k=1).hits[0].payload["path"] == "Chair/train/101.off"
+    (tmp_path / "store" / "reports" / "checkpoints.json").unlink()  # a teammate's machine: path unknown
+    moved = shutil.copytree(private, tmp_path / "elsewhere" / "clip-copy")
+    with open_session(tmp_path / "store") as session:
+        with pytest.raises(ModelLoadError, match=r"local checkpoint .*pass --checkpoint DIR"):
+            query(session, mesh, k=1)
+        assert query(session, mesh, k=1, checkpoint=moved).hits[0].payload["path"] == "Chair/train/101.off"
+        with pytest.raises(ModelLoadError, match="other weights"):
+            query(session, mesh, k=1, checkpoint=ckpts["dinov2"])
 
 
 def test_uncached_hub_model_fails_at_once_and_stores_nothing(tree, tmp_path, monkeypatch):

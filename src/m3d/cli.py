@@ -216,36 +216,47 @@ class _progress:
 @app.command()
 @friendly
 def query(
-    mesh: Annotated[Path, typer.Argument(help="A mesh file (.off .obj .ply .stl .glb)")],
+    mesh: Annotated[Optional[Path], typer.Argument(help="A mesh file (.off .obj .ply .stl .glb); or use --image / --text")] = None,
+    image: Annotated[Optional[Path], typer.Option(help="Search with a picture (photo, sketch, render): encoded as one view.")] = None,
+    text: Annotated[Optional[str], typer.Option(help="Search with a sentence through the encoder's text tower (CLIP collections).")] = None,
     k: Annotated[int, typer.Option("--k", min=1, help="How many neighbours.")] = 5,
-    collection: Annotated[Optional[str], typer.Option(help="Collection to search (default: the first *_mean one).")] = None,
+    collection: Annotated[Optional[str], typer.Option(help="Collection to search (default: the first *_mean one that can answer this kind of query).")] = None,
     label: Annotated[Optional[str], typer.Option("--class", help="Only neighbours of this class (payload filter).")] = None,
     exact: Annotated[bool, typer.Option(help="Answer from the FAISS exact index instead of Qdrant.")] = False,
     up: Annotated[Optional[str], typer.Option(help="Up axis of MESH (x, y, z, -x, -y, -z) when it differs from the collection's rule.")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="The checkpoint directory of a collection synced from a local checkpoint on another machine (its place is remembered where it was synced).")] = None,
     gallery: Annotated[Optional[Path], typer.Option(help="Also write the query and its neighbours as one PNG.")] = None,
     store: StoreOpt = DEFAULT_STORE,
     qdrant_url: UrlOpt = None,
     qdrant_api_key: KeyOpt = None,
     as_json: JsonOpt = False,
 ):
-    """Nearest stored objects to MESH, rendered and encoded with the collection's own settings.
+    """Nearest stored objects to a MESH (rendered and encoded with the collection's own settings), to a
+    picture (--image) or to a sentence (--text, collections with a text tower).
 
-    Example: m3d query chair.off --k 5 --class Chair
+    Examples: m3d query chair.off --k 5 --class Chair;  m3d query --image photo.jpg;
+    m3d query --text "a wooden chair with armrests"
     """
+    from .search import Query
     from .search import query as run_query
 
+    q = Query(mesh=mesh, image=image, text=text)  # checked before the store is opened
     with _session(store, qdrant_url, qdrant_api_key) as session:
-        result = run_query(session, mesh, collection=collection, k=k, label=label, exact=exact, up=up)
+        result = run_query(session, mesh, image=image, text=text, collection=collection, k=k, label=label,
+                           exact=exact, up=up, checkpoint=checkpoint)
         if gallery is not None:
             from .report import query_gallery
 
-            query_gallery(session, result, mesh.name, gallery)
+            query_gallery(session, result, q.title, gallery)
     rows = [{"rank": i + 1, "score": h.score, "class": h.payload.get("class"), "path": h.payload.get("path")}
             for i, h in enumerate(result.hits)]
     if as_json:
-        typer.echo(json.dumps({"collection": result.collection, "engine": result.engine, "hits": rows}, indent=2))
+        typer.echo(json.dumps({"collection": result.collection, "engine": result.engine, "kind": result.kind,
+                               "hits": rows}, indent=2))
     else:
-        _print(_table(f"{mesh.name} in {result.collection} ({result.engine})", rows))
+        from rich.markup import escape
+
+        _print(_table(f"{escape(q.title)} in {result.collection} ({result.engine})", rows))
         if gallery is not None:
             _print(f"gallery: {gallery}")
 

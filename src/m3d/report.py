@@ -673,11 +673,11 @@ def _activation_figure(fp: Fingerprint | None, rows: list[GalleryRow], payloads:
     if chosen is None:
         _note_figure(path, heading, "no source file of this collection is available here to render")
         return []
-    from .encoders import load_encoder
+    from .search import collection_encoder
 
     views = renders.views(chosen[1])
     try:
-        per_view = load_encoder(fp.encoder).encode(views).float().cpu().numpy()
+        per_view = collection_encoder(renders.session, fp).encode(views).float().cpu().numpy()
     except M3DError as exc:
         _note_figure(path, heading, f"encoder {fp.encoder} not available: {exc}")
         return [f"per-view activations skipped: encoder {fp.encoder} not available ({exc})"]

@@ -1,5 +1,14 @@
-"""Query a collection with a mesh: embed it with exactly the settings stored in the collection's
-fingerprint (renderer, views, resolution, encoder, pool), then ask Qdrant or FAISS."""
+"""Query a collection the three ways people ask: with a mesh, a picture, or a sentence.
+
+- mesh: rendered and encoded with exactly the settings in the collection's fingerprint (renderer,
+  views, resolution, encoder, pool), like every stored object;
+- image: a photo or sketch made into one view as a render would be (RGB on the render background,
+  centred on a square, the render size) and encoded by the collection's encoder; any encoder;
+- text: a sentence through the encoder's text tower (CLIP), whose projected embeds share the image
+  embeds' space; only collections whose encoder family has one can answer.
+
+The vector then goes to Qdrant, or FAISS with ``exact``.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +18,39 @@ from pathlib import Path
 import numpy as np
 
 from .connector import Hit
-from .errors import MeshError, StoreError
+from .errors import M3DError, MeshError, StoreError, UsageError
 from .meshio import Mesh, load_mesh
 from .orientation import pose
-from .render import create_renderer, posed
+from .render import BACKGROUND, create_renderer, posed
 from .schemas import Fingerprint
 from .store import Session
+
+QUERY_KINDS = ("mesh", "image", "text")
+
+
+@dataclass(frozen=True)
+class Query:
+    """One query: exactly one of a mesh file, an image file, or a sentence."""
+
+    mesh: Path | None = None
+    image: Path | None = None
+    text: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [k for k in QUERY_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise UsageError("give exactly one query: a MESH file, --image FILE or --text \"...\""
+                             + (f" (got {', '.join(given)})" if given else ""))
+        if self.text is not None and not self.text.strip():
+            raise UsageError("--text is empty: say what to look for, e.g. --text \"a wooden chair\"")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in QUERY_KINDS if getattr(self, k) is not None)
+
+    @property
+    def title(self) -> str:
+        return self.text if self.text is not None else (self.mesh or self.image).name
 
 
 @dataclass
@@ -22,7 +58,8 @@ class QueryResult:
     collection: str
     engine: str  # "qdrant" or "faiss"
     hits: list[Hit]
-    views: np.ndarray  # the query's renders, for galleries
+    views: np.ndarray | None  # what was encoded (mesh renders, the image as a view), for galleries
+    kind: str = "mesh"
 
 
 def load_named(mesh_path: Path) -> Mesh:
@@ -45,40 +82,106 @@ def render_views(mesh_path: Path, fp: Fingerprint, stored_pose: dict | None = No
         renderer.close()
 
 
-def embed_views(views: np.ndarray, fp: Fingerprint, *, device: str | None = None) -> np.ndarray:
+def image_view(image_path: Path, size: int) -> np.ndarray:
+    """A picture as one render-like view: (1, size, size, 3) uint8, transparency on the render
+    background, centred on a background square (aspect kept, nothing cropped), resized with PIL."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(image_path) as img:
+            img.load()
+            rgba = img.convert("RGBA")
+    except FileNotFoundError:
+        raise UsageError(f"{image_path}: no such image file") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise UsageError(f"{image_path}: not an image this can read ({exc})") from None
+    side = max(rgba.size)
+    canvas = Image.new("RGBA", (side, side), (BACKGROUND,) * 3 + (255,))
+    canvas.alpha_composite(rgba, ((side - rgba.width) // 2, (side - rgba.height) // 2))
+    rgb = canvas.convert("RGB")
+    if side != size:
+        rgb = rgb.resize((size, size), Image.BICUBIC)
+    return np.asarray(rgb, dtype=np.uint8)[None]
+
+
+def collection_encoder(session: Session, fp: Fingerprint, *, checkpoint: Path | None = None,
+                       device: str | None = None):
+    """The encoder that made a collection; a local checkpoint loads from the path this store
+    remembered at sync time (or ``checkpoint``), and must hold the same weights."""
     from .encoders import load_encoder
-    from .pooling import pool
 
-    encoder = load_encoder(fp.encoder, device=device)
-    per_view = encoder.encode(views)
-    return pool(fp.pool, per_view[None]).cpu().numpy()[0]
+    where = checkpoint or session.checkpoints().get(fp.encoder)
+    return load_encoder(fp.encoder, device=device, checkpoint=where)
 
 
-def choose_collection(session: Session, collection: str | None) -> str:
-    """The named collection, or the only one, or the first mean-pooled one (said in the output)."""
+def can_answer_text(session: Session, name: str, checkpoint: Path | None = None) -> bool:
+    """Whether a collection's encoder family has a text tower (read from config.json, no weights)."""
+    from .encoders import family_of
+
+    fp = session.fingerprint(name)
+    if fp is None:
+        return False
+    try:
+        return family_of(fp.encoder, checkpoint=checkpoint or session.checkpoints().get(fp.encoder)).can_text
+    except M3DError:  # an encoder that cannot be found here cannot answer here either
+        return False
+
+
+def choose_collection(session: Session, collection: str | None, kind: str = "mesh",
+                      checkpoint: Path | None = None) -> str:
+    """The named collection, or the first mean-pooled one that can answer this kind of query."""
     names = session.collections()
-    if collection:
-        session.require(collection)
-        return collection
     if not names:
         raise StoreError(f"{session.vectors.location} has no collections yet: run `m3d sync DIR` first")
-    means = [n for n in names if n.endswith("_mean")]
-    return (means or names)[0]
+    if collection:
+        session.require(collection)
+    if kind != "text":
+        return collection or ([n for n in names if n.endswith("_mean")] or names)[0]
+    if collection and can_answer_text(session, collection, checkpoint):
+        return collection
+    able = [n for n in names if can_answer_text(session, n, checkpoint)]
+    if collection or not able:
+        who = f"collection {collection}" if collection else "no collection here"
+        answer = f"collections that can: {', '.join(able)}" if able else \
+            "sync with a CLIP encoder (--encoders clip) to search by text"
+        raise UsageError(f"{who} cannot answer a text query (its encoder has no text tower); {answer}")
+    return ([n for n in able if n.endswith("_mean")] or able)[0]
 
 
-def query(session: Session, mesh_path: Path, *, collection: str | None = None, k: int = 5,
-          label: str | None = None, exact: bool = False, up: str | None = None) -> QueryResult:
-    """up names the query mesh's up axis when it does not follow the collection's rule."""
-    name = choose_collection(session, collection)
+def query_vector(session: Session, q: Query, fp: Fingerprint, *, checkpoint: Path | None = None,
+                 device: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The unit query vector in the collection's space, and the views it came from (None for text)."""
+    import torch
+
+    from .pooling import pool
+
+    if q.kind == "mesh":
+        views = render_views(q.mesh, fp)  # before loading the encoder: a bad mesh fails fast
+    elif q.kind == "image":
+        views = image_view(q.image, fp.view.size)
+    encoder = collection_encoder(session, fp, checkpoint=checkpoint, device=device)
+    if q.kind == "text":
+        vector = torch.nn.functional.normalize(encoder.encode_text([q.text]).float(), dim=-1)
+        return vector.cpu().numpy()[0], None
+    per_view = encoder.encode(views)  # an image is one view: every pool of one view is that view
+    return pool(fp.pool, per_view[None]).cpu().numpy()[0], views
+
+
+def query(session: Session, mesh_path: Path | None = None, *, image: Path | None = None, text: str | None = None,
+          collection: str | None = None, k: int = 5, label: str | None = None, exact: bool = False,
+          up: str | None = None, checkpoint: Path | None = None) -> QueryResult:
+    """up names the query mesh's up axis when it does not follow the collection's rule; checkpoint is
+    the directory of a collection's local checkpoint when this store does not remember it."""
+    q = Query(mesh=mesh_path, image=image, text=text)
+    name = choose_collection(session, collection, q.kind, checkpoint)
     fp = session.fingerprint(name)
     if fp is None:
         raise StoreError(f"collection {name} is empty")
-    view = fp.view if up is None else replace(fp.view, up=up)
-    views = render_views(mesh_path, replace(fp, view=view))
-    vector = embed_views(views, fp)
+    vector, views = query_vector(session, q, fp if up is None else replace(fp, view=replace(fp.view, up=up)),
+                                 checkpoint=checkpoint)
     if not exact:
         hits = session.vectors.search(name, vector[None], k, label=label)[0]
-        return QueryResult(name, "qdrant", hits, views)
+        return QueryResult(name, "qdrant", hits, views, q.kind)
     index = session.exact(name)
     if label is None:
         scores, ids = index.search(vector[None], k)
@@ -93,4 +196,4 @@ def query(session: Session, mesh_path: Path, *, collection: str | None = None, k
         chosen = [index.ids[member_rows[t]] for t in top]
         records = {r.id: r.payload for r in session.vectors.retrieve(name, chosen)}
         hits = [Hit(i, float(scores[t]), records.get(i, {})) for i, t in zip(chosen, top)]
-    return QueryResult(name, "faiss", hits, views)
+    return QueryResult(name, "faiss", hits, views, q.kind)

@@ -201,6 +201,21 @@ class Session:
         root = self.roots().get(payload.get("dataset", ""))
         return Path(root) / payload["path"] if root and payload.get("path") else None
 
+    def remember_checkpoint(self, model_id: str, directory: str) -> None:
+        """Where a local checkpoint (stored in payloads only as ``local:<name>@sha256:<digest>``) lives
+        on this machine, so query and reports can load its encoder again; like roots, kept locally."""
+        known = self.checkpoints()
+        if known.get(model_id) != directory:
+            known[model_id] = directory
+            self.write_report("checkpoints.json", known)
+
+    def checkpoints(self) -> dict[str, str]:
+        try:
+            known = json.loads((self.reports_dir / "checkpoints.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return known if isinstance(known, dict) else {}
+
     def write_report(self, name: str, report: dict) -> Path:
         self.reports_dir.mkdir(parents=True, exist_ok=True)
         path = self.reports_dir / name

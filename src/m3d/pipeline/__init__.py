@@ -54,6 +54,9 @@ def sync(
         log.warning("dataset %s moved: %s -> %s", dataset, moved_from, root)
     encoders = [load_encoder(spec, device=options.device, precision=options.precision,
                              batch_size=options.batch_size) for spec in options.encoders]
+    for encoder in encoders:
+        if encoder.checkpoint:  # a local directory: its place stays on this machine, never in a payload
+            session.remember_checkpoint(encoder.model_id, encoder.checkpoint)
     targets = build_targets(encoders, options)
     report = SyncReport(str(root), dataset, sorted(targets), discovered=len(files))
     report.skipped = [asdict(s) for s in skips]

@@ -64,9 +64,9 @@ def build_targets(encoders: list, options: SyncOptions) -> dict[str, Target]:
     """collection name -> Target, one per (encoder, pool). Engines that load encoders elsewhere (an
     encode actor) call this with their own copies and get the same fingerprints."""
     targets: dict[str, Target] = {}
-    for spec, encoder in zip(options.encoders, encoders):
+    for encoder in encoders:  # encoder.spec, never a local path: a checkpoint directory is its model_id
         for pool_name in options.pools:
-            fp = Fingerprint(encoder=spec, model_id=encoder.model_id, pool=pool_name, view=options.view)
+            fp = Fingerprint(encoder=encoder.spec, model_id=encoder.model_id, pool=pool_name, view=options.view)
             name = collection_name(encoder.name, pool_name)
             targets[name] = Target(name, encoder, pool_name, fp)
     return targets
