@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo    install, then sync + query + eval on the embedded store with the weight-free encoder
-#   make test    install, then run the test suite
+#   make test    install (with the Ray extra: the Ray engine's tests run on a local Ray), then run the test suite
 # DATA defaults to the dev meshes beside the repo; without them the demo makes its own shapes.
 
 VENV    ?= .venv
@@ -24,6 +24,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: system-deps $(VENV)/.installed
 
+# the Ray engine is an extra: `make demo` and the default path never need it
+$(VENV)/.installed-ray: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[ray]'
+	touch $@
+
 # EGL/GL runtime for the moderngl renderer (Mesa on CPU). Installs only what is missing.
 system-deps:
 	@if ! ldconfig -p | grep -q libEGL.so.1 || ! ldconfig -p | grep -q libusb-1.0.so.0 || ! ls /usr/lib/*/dri/swrast_dri.so >/dev/null 2>&1; then \
@@ -39,7 +44,7 @@ demo: install
 	$(M3D) eval --store $(STORE) --report out/report
 	$(M3D) info --store $(STORE)
 
-test: install
+test: install $(VENV)/.installed-ray
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
 bench: install

@@ -121,12 +121,14 @@ def sync(
     per_class: Annotated[Optional[int], typer.Option(min=1, help="First N files per class, by name.")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="At most N files in all.")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="Dataset name stored with every object (default: ROOT's folder name); keep it when the folder moves.")] = None,
-    workers: Annotated[Optional[int], typer.Option(min=0, help="Render processes (0 = in this process). Default: cores - 1.")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="Render processes (0 = in this process), or render actors with --engine ray. Default: one per core (but one per GPU with encoders on a GPU).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per encoder call. Default: per device.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cuda or cpu. Default: cuda when present.")] = None,
     precision: Annotated[Optional[str], typer.Option(help="fp32, fp16 or bf16. Default: fp16 on CUDA, bf16 on CPUs that have it.")] = None,
     max_faces: Annotated[int, typer.Option(min=1, help="Refuse meshes with more faces than this.")] = 2_000_000,
     rebuild: Annotated[bool, typer.Option(help="Replace collections built with other settings instead of refusing.")] = False,
+    engine: Annotated[str, typer.Option(help="local (processes on this machine) or ray (actors on a Ray cluster; pip install 'm3d[ray]').")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", envvar="RAY_ADDRESS", help="Ray cluster to run on with --engine ray, e.g. ray://head:10001 (default: a local Ray).")] = None,
     store: StoreOpt = DEFAULT_STORE,
     qdrant_url: UrlOpt = None,
     qdrant_api_key: KeyOpt = None,
@@ -149,6 +151,7 @@ def sync(
         view=ViewSettings(views=views, elevation=elevation, size=size, renderer=renderer, up=up, layout=layout,
                           align=align), workers=workers,
         batch_size=batch_size, device=device, precision=precision, max_faces=max_faces, rebuild=rebuild,
+        engine=engine, ray_address=ray_address if engine == "ray" else None,
     )
     _check_options(options)
     with _session(store, qdrant_url, qdrant_api_key, create=True) as session, _progress(as_json) as progress:
@@ -163,6 +166,10 @@ def sync(
         _print(f"{s.discovered} meshes: {s.added} added, {s.updated} updated, {s.unchanged} unchanged, "
                f"{s.removed} removed, {len(s.skipped)} skipped  ({s.seconds:.1f} s, {s.objects_per_s:.1f} objects/s, "
                f"bottleneck: {s.stages.bottleneck()})")
+        if s.resources:
+            r = s.resources
+            _print(f"engine: {s.engine} on {r['cpus']} CPUs, {r['gpus']} GPUs ({r['render_workers']} render, "
+                   f"{r['encode_workers']} encode workers)")
         for skip in s.skipped[:10]:
             _print(f"  skipped {skip['rel_path']}: {skip['reason']}")
         if len(s.skipped) > 10:

@@ -58,7 +58,7 @@ def sync(
         if encoder.checkpoint:  # a local directory: its place stays on this machine, never in a payload
             session.remember_checkpoint(encoder.model_id, encoder.checkpoint)
     targets = build_targets(encoders, options)
-    report = SyncReport(str(root), dataset, sorted(targets), discovered=len(files))
+    report = SyncReport(str(root), dataset, sorted(targets), discovered=len(files), engine=options.engine)
     report.skipped = [asdict(s) for s in skips]
 
     known = prepare_collections(session, targets, options.rebuild)
@@ -77,7 +77,8 @@ def sync(
     writer.start()
     run_started = time.perf_counter()
     try:
-        engine("local")(Job(plan, options, group_by_encoder(targets), writer, tally))
+        if plan.tasks:  # an unchanged re-sync starts no worker (and no Ray)
+            engine(options.engine)(Job(plan, options, group_by_encoder(targets), writer, tally))
         writer.finish()
     except BaseException:
         writer.abort()

@@ -31,6 +31,8 @@ class SyncReport:
     objects_per_s: float = 0.0
     stages: StageStats = field(default_factory=StageStats)
     workers: int = 0
+    engine: str = "local"
+    resources: dict = field(default_factory=dict)  # what the engine ran on: cpus, gpus, nodes, workers per stage
     exit_status: int = EXIT_OK
 
     def summary(self) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -31,6 +32,10 @@ log = logging.getLogger("m3d")
 
 WRITE_BATCH = 512
 
+#: Fault injection for the engine tests: a render worker process (never the caller's own process)
+#: kills itself with SIGKILL, as a renderer crash or the OOM killer would, when handed this relative path.
+CRASH_ENV = "M3D_TEST_CRASH_ON"
+
 
 @dataclass
 class StageStats:
@@ -40,11 +45,13 @@ class StageStats:
     encode: float = 0.0
     write: float = 0.0
     render_workers: int = 1  # render processes sharing the render seconds (0 counts as 1: in-process)
+    encode_workers: int = 1  # encode actors sharing the encode seconds (the Ray engine may run several)
 
     def bottleneck(self) -> str:
         """The stage with the most busy time per thread of work: the workers render in parallel, so
         their summed seconds are split over them (else 15 half-idle workers would outvote a busy GPU)."""
-        busy = {"render": self.render / max(self.render_workers, 1), "encode": self.encode, "write": self.write}
+        busy = {"render": self.render / max(self.render_workers, 1),
+                "encode": self.encode / max(self.encode_workers, 1), "write": self.write}
         return max(busy, key=busy.get)
 
 
@@ -75,10 +82,11 @@ class RenderContext:
     the worker's one GL context. A GL context belongs to the thread that made it and does not survive
     a fork, so it is never shared, never created per task."""
 
-    def __init__(self, spec: RenderSpec):
+    def __init__(self, spec: RenderSpec, *, worker: bool = True):
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         self.spec = spec
         self.renderer = create_renderer(spec.view)
+        self.crash_on = os.environ.get(CRASH_ENV) if worker else None
 
     def close(self) -> None:
         self.renderer.close()
@@ -87,6 +95,8 @@ class RenderContext:
 def render(task: Task, context: RenderContext) -> Rendered:
     """Load, hash and render one file; every failure becomes a reason, never an exception."""
     start = time.perf_counter()
+    if context.crash_on is not None and task.file.rel_path == context.crash_on:
+        os.kill(os.getpid(), signal.SIGKILL)
     result = Rendered(task)
     try:
         # stat before reading: a file edited in between then looks changed next time, never fresh

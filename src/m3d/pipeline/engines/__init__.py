@@ -8,15 +8,10 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ...errors import UsageError
 from ..finalize import Tally
-from ..options import SyncOptions
+from ..options import ENGINES, SyncOptions
 from ..plan import Plan, Target
 from ..stages import StageStats, Writer
-
-#: engine name -> module whose `run(job)` schedules the stages
-ENGINES = {"local": "m3d.pipeline.engines.local"}
-
 
 @dataclass
 class Job:
@@ -34,6 +29,5 @@ class Job:
 
 
 def engine(name: str) -> Callable[[Job], None]:
-    if name not in ENGINES:
-        raise UsageError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
+    """The engine's `run(job)`; names are checked by SyncOptions."""
     return importlib.import_module(ENGINES[name]).run

@@ -46,6 +46,8 @@ def run(job: Job) -> None:
     on_cpu = all(str(e.device).startswith("cpu") for e in encoders)
     workers = auto_workers(on_cpu) if options.workers is None else options.workers
     tally.report.workers = stats.render_workers = workers
+    tally.report.resources = {"cpus": os.cpu_count() or 1, "gpus": 0 if on_cpu else 1, "nodes": 1,
+                              "render_workers": workers, "encode_workers": 1}
     batch_images = max(e.batch_size for e in encoders)
     window = -(-batch_images // job.plan.render.view.views) + 2 * workers  # the next batch renders during an encode
     batch: list[Rendered] = []
@@ -78,8 +80,10 @@ def render_stream(tasks: list[Task], spec: RenderSpec, workers: int, window: int
 
     The window should cover one encode batch plus a little: while the caller encodes a batch, the
     workers keep rendering the next one instead of idling. workers=0 renders in this process."""
+    if not tasks:
+        return
     if workers == 0:
-        context = RenderContext(spec)
+        context = RenderContext(spec, worker=False)
         try:
             for task in tasks:
                 yield render(task, context)

@@ -1,0 +1,255 @@
+"""The Ray engine: the same stage functions, scheduled over a Ray cluster (or a local Ray).
+
+    driver: plan.tasks --> RenderActor.render(task)   CPU actors, num_cpus=1, one RenderContext
+                                                      (one GL context) each, created once
+            views stay in the object store --> EncodeActor.embed(batch)   one per GPU (num_gpus=1),
+                                                      else one on the CPU; batches of a fixed size
+            Points (pooled vectors + payloads) back to the driver --> the Writer --> the user's store
+
+Plain actors rather than Ray Data: the driver has to know which tasks were on an actor that died, so
+it can retry them alone and skip only the one that kills its actor while alone. Ray Data retries a
+block and, once it runs out of retries, fails the dataset or drops the block without saying which row
+did it. The driver limits how many objects are in flight (rendering, waiting for a batch, encoding),
+which is the backpressure between the stages and keeps the object store small.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ...errors import M3DError, UsageError
+from ..options import SyncOptions
+from ..plan import RenderSpec, Task, build_targets, group_by_encoder
+from ..stages import CRASH_ENV, RenderContext, Rendered, embed, render, write
+from . import Job
+from .local import CRASHED
+
+log = logging.getLogger("m3d")
+
+#: The driver's settings that actors on other processes or nodes must see too.
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "M3D_ALLOW_DOWNLOAD", CRASH_ENV)
+ENCODE_RETRIES = 2  # an encode actor that dies is replaced and its batch sent again this often
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise UsageError("--engine ray needs Ray: pip install 'm3d[ray]'") from None
+    return ray
+
+
+class RenderActor:
+    """A render worker on the cluster: its RenderContext is made once, when the actor starts."""
+
+    def __init__(self, spec: RenderSpec):
+        self.context = RenderContext(spec)
+
+    def render(self, task: Task) -> tuple[Rendered, Any]:
+        """(the outcome without its views, the views): the driver fetches only the first."""
+        item = render(task, self.context)
+        views, item.views = item.views, None
+        return item, views
+
+
+class EncodeActor:
+    """An encode worker: its own copies of the encoders, on the device Ray gave it."""
+
+    def __init__(self, options: SyncOptions):
+        from ...encoders import load_encoder
+
+        encoders = [load_encoder(spec, device=options.device, precision=options.precision,
+                                 batch_size=options.batch_size) for spec in options.encoders]
+        self.encoders = group_by_encoder(build_targets(encoders, options))
+        self.batch_images = max(e.batch_size for e in encoders)
+        self.device = str(encoders[0].device)
+
+    def info(self) -> dict:
+        return {"batch_images": self.batch_images, "device": self.device}
+
+    def embed(self, metas: list[Rendered], *views) -> tuple[list, float]:
+        start = time.perf_counter()
+        points = embed([replace(meta, views=v) for meta, v in zip(metas, views)], self.encoders)
+        return points, time.perf_counter() - start
+
+
+@dataclass
+class _Renderer:
+    actor: Any
+    in_flight: deque = field(default_factory=deque)  # (task, meta_ref, views_ref), in submission order
+    isolated: bool = False  # running one suspect alone
+
+
+@dataclass
+class _Encoder:
+    actor: Any
+    busy: int = 0
+
+
+def run(job: Job) -> None:
+    ray = _ray()
+    options = job.options
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=options.ray_address, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        _Scheduler(ray, job).run()
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+class _Scheduler:
+    def __init__(self, ray, job: Job):
+        self.ray, self.job = ray, job
+        options = job.options
+        resources = ray.cluster_resources()
+        cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
+        on_gpu = gpus > 0 and options.device != "cpu"
+        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        runtime = {"runtime_env": {"env_vars": env}} if env else {}
+        # encoders: one actor per GPU, each with a core to feed it; on CPUs one actor that shares the
+        # cores with the renderers (as the local engine's encoder thread does)
+        encode_n = gpus if on_gpu else 1
+        self.encode_cls = ray.remote(num_gpus=1 if on_gpu else 0, num_cpus=1 if on_gpu else 0, **runtime)(EncodeActor)
+        render_n = options.workers or max(1, cpus - (encode_n if on_gpu else 0))
+        if render_n > cpus:
+            raise UsageError(f"--workers {render_n} asks for {render_n} render actors of one CPU each; "
+                             f"the Ray cluster has {cpus} CPUs")
+        self.render_cls = ray.remote(num_cpus=1, **runtime)(RenderActor)
+        self.spec = job.plan.render
+        self.renderers = [_Renderer(self.render_cls.remote(self.spec)) for _ in range(render_n)]
+        self.encoders = [_Encoder(self.encode_cls.remote(options)) for _ in range(encode_n)]
+        info = self._get(self.encoders[0].actor.info.remote(), "encode")
+        self.batch_images = info["batch_images"]
+        views = self.spec.view.views
+        per_batch = -(-self.batch_images // views)
+        self.window = max(2 * per_batch + 2 * render_n, 4 * render_n)  # a batch encodes while the next renders
+        stats, report = job.stats, job.tally.report
+        report.workers = stats.render_workers = render_n
+        stats.encode_workers = encode_n
+        report.resources = {"cpus": cpus, "gpus": gpus, "nodes": sum(1 for n in ray.nodes() if n.get("Alive")),
+                            "render_workers": render_n, "encode_workers": encode_n, "encode_device": info["device"]}
+        log.info("ray: %d CPUs, %d GPUs; %d render actors, %d encode actors (%s), %d images per batch",
+                 cpus, gpus, render_n, encode_n, info["device"], self.batch_images)
+
+    def _get(self, ref, stage: str):
+        try:
+            return self.ray.get(ref)
+        except self.ray.exceptions.RayActorError as exc:
+            if getattr(exc, "actor_init_failed", False):
+                raise M3DError(f"{stage} actor could not start: {exc}") from None
+            raise
+
+    def run(self) -> None:
+        ray, tally = self.ray, self.job.tally
+        self.queued: deque[Task] = deque(self.job.plan.tasks)
+        self.suspects: deque[Task] = deque()
+        self.batch: list[tuple[Rendered, Any]] = []
+        self.encoding: dict[Any, tuple[_Encoder, list, int]] = {}  # ref -> (actor, batch, attempt)
+        try:
+            while self.queued or self.suspects or self.batch or self.encoding or self._rendering():
+                self._dispatch()
+                owner = {entry[1]: r for r in self.renderers for entry in r.in_flight}
+                refs = list(owner) + list(self.encoding)
+                ray.wait(refs, num_returns=1)
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+                for ref in ready:
+                    if ref in self.encoding:
+                        self._encoded(ref)
+                    elif any(ref == e[1] for e in owner[ref].in_flight):  # not already handled with a death
+                        self._rendered(owner[ref], ref)
+                tally.tick()
+        finally:
+            for actor in [r.actor for r in self.renderers] + [e.actor for e in self.encoders]:
+                ray.kill(actor)
+
+    def _rendering(self) -> int:
+        return sum(len(r.in_flight) for r in self.renderers)
+
+    def _dispatch(self) -> None:
+        """Suspects alone on idle actors; other tasks to the least busy ones within the window; a
+        batch to the least busy encoder when it is full, or when nothing else is coming."""
+        for r in self.renderers:
+            if self.suspects and not r.in_flight:
+                r.isolated = True
+                self._send(r, self.suspects.popleft())
+        open_ = [r for r in self.renderers if not r.isolated]
+        if self.suspects and open_:
+            open_.remove(min(open_, key=lambda r: len(r.in_flight)))  # drains, then takes a suspect
+        in_flight = self._rendering() + len(self.batch) + sum(len(b) for _, b, _ in self.encoding.values())
+        while self.queued and open_ and in_flight < self.window:
+            self._send(min(open_, key=lambda r: len(r.in_flight)), self.queued.popleft())
+            in_flight += 1
+        full = len(self.batch) * self.spec.view.views >= self.batch_images
+        if self.batch and (full or not (self._rendering() or self.queued or self.suspects)):
+            self._encode(self.batch, 0)
+            self.batch = []
+
+    def _send(self, r: _Renderer, task: Task) -> None:
+        meta, views = r.actor.render.options(num_returns=2).remote(task)
+        r.in_flight.append((task, meta, views))
+
+    def _encode(self, batch: list, attempt: int) -> None:
+        encoder = min(self.encoders, key=lambda e: e.busy)
+        encoder.busy += 1
+        ref = encoder.actor.embed.remote([m for m, _ in batch], *[v for _, v in batch])
+        self.encoding[ref] = (encoder, batch, attempt)
+
+    def _rendered(self, r: _Renderer, ref) -> None:
+        try:
+            meta = self._get(ref, "render")
+        except self.ray.exceptions.RayActorError:
+            self._died(r)
+            return
+        entry = next(e for e in r.in_flight if e[1] == ref)
+        r.in_flight.remove(entry)
+        if not r.in_flight:
+            r.isolated = False
+        self._take(meta, entry[2])
+
+    def _take(self, meta: Rendered, views_ref) -> None:
+        self.job.stats.render += meta.seconds
+        if meta.reason is not None:
+            self.job.tally.skipped(meta)
+        else:
+            self.batch.append((meta, views_ref))
+
+    def _died(self, r: _Renderer) -> None:
+        """A render actor died: keep what it finished, retry the rest alone; a task that was alone on
+        it is what killed it, and is skipped."""
+        crashed = []
+        for task, meta, views in r.in_flight:
+            try:
+                self._take(self.ray.get(meta, timeout=0), views)
+            except (self.ray.exceptions.RayActorError, self.ray.exceptions.GetTimeoutError):
+                crashed.append(task)
+        if r.isolated and len(crashed) == 1:
+            self.job.tally.skipped(Rendered(crashed[0], reason=CRASHED))
+        elif crashed:
+            log.warning("a render actor died; retrying its %d files one at a time", len(crashed))
+            self.suspects.extend(crashed)
+        self.ray.kill(r.actor)
+        r.actor, r.in_flight, r.isolated = self.render_cls.remote(self.spec), deque(), False
+
+    def _encoded(self, ref) -> None:
+        encoder, batch, attempt = self.encoding.pop(ref)
+        encoder.busy -= 1
+        try:
+            points, seconds = self._get(ref, "encode")
+        except self.ray.exceptions.RayActorError:
+            if attempt >= ENCODE_RETRIES:
+                raise M3DError(f"an encode actor died {attempt + 1} times on one batch; see the Ray logs") from None
+            log.warning("an encode actor died; starting another and sending its batch again")
+            self.ray.kill(encoder.actor)
+            encoder.actor = self.encode_cls.remote(self.job.options)
+            self._encode(batch, attempt + 1)
+            return
+        self.job.stats.encode += seconds
+        write(points, self.job.writer)
+        self.job.tally.embedded_batch(len(batch))
