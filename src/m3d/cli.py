@@ -16,6 +16,8 @@ import typer
 
 from .errors import M3DError, UsageError, printable
 
+DEFAULT_DEDUP_THRESHOLD = 0.9995  # m3d.dedup.DEFAULT_THRESHOLD (not imported: `m3d --help` stays instant)
+
 app = typer.Typer(
     help="Turn 3D meshes into search vectors and keep them in Qdrant.\n\n"
     "  m3d sync ./ModelNet40 --encoders hog     ingest a folder (<class>/[<split>/]<name>.off)\n\n"
@@ -261,9 +263,7 @@ def query(
         typer.echo(json.dumps({"collection": result.collection, "engine": result.engine, "kind": result.kind,
                                "hits": rows}, indent=2))
     else:
-        from rich.markup import escape
-
-        _print(_table(f"{escape(q.title)} in {result.collection} ({result.engine})", rows))
+        _print(_table(f"{q.title} in {result.collection} ({result.engine})", rows))
         if gallery is not None:
             _print(f"gallery: {gallery}")
 
@@ -277,6 +277,7 @@ def eval_(
     out: Annotated[Optional[Path], typer.Option(help="Where to write eval.csv / eval_per_class.csv / eval.json (default: STORE/eval).")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Also write figures and index.html to this folder.")] = None,
     queries: Annotated[Optional[str], typer.Option(help="With --report: relative paths of the gallery queries (comma-separated).")] = None,
+    exclude_duplicates: Annotated[Optional[float], typer.Option(help="Also report the figures with each query's near duplicates (cosine >= this) removed from its candidates (see m3d dedup).")] = None,
     store: StoreOpt = DEFAULT_STORE,
     qdrant_url: UrlOpt = None,
     qdrant_api_key: KeyOpt = None,
@@ -288,8 +289,13 @@ def eval_(
 
     from .evaluate import evaluate, write_results
 
+    if exclude_duplicates is not None:
+        from .dedup import DedupOptions
+
+        DedupOptions(threshold=exclude_duplicates)  # validates the cosine before the store is opened
     with _session(store, qdrant_url, qdrant_api_key) as session:
-        results = evaluate(session, collection, recall_k=recall_k, recall_queries=recall_queries)
+        results = evaluate(session, collection, recall_k=recall_k, recall_queries=recall_queries,
+                           exclude_duplicates=exclude_duplicates)
         if not results:
             raise M3DError("no collection with two or more objects to evaluate: run `m3d sync DIR` first")
         files = write_results(results, out or store / "eval")
@@ -303,6 +309,53 @@ def eval_(
     _print(_table("retrieval quality (self excluded)", [r.row() for r in results]))
     for path in files:
         _print(f"wrote {path}")
+
+
+@app.command()
+@friendly
+def dedup(
+    collection: Annotated[Optional[str], typer.Option(help="Collection whose vectors decide near duplicates (default: the first *_mean one).")] = None,
+    threshold: Annotated[float, typer.Option(help="Cosine at or above which two objects are near duplicates (see the report's histogram).")] = DEFAULT_DEDUP_THRESHOLD,
+    report: Annotated[Optional[Path], typer.Option(help="Also write index.html with every group's views side by side, the histogram, CSV and JSON to this folder.")] = None,
+    store: StoreOpt = DEFAULT_STORE,
+    qdrant_url: UrlOpt = None,
+    qdrant_api_key: KeyOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Exact duplicates (same file content, across folders, classes and datasets), near duplicates
+    (cosine >= THRESHOLD, grouped), and test objects with a copy in train. Never deletes or moves
+    anything: review the groups (--report) before acting on them."""
+    from rich.markup import escape
+
+    from .dedup import DedupOptions, find_duplicates, write_tables
+
+    options = DedupOptions(collection=collection, threshold=threshold)
+    with _session(store, qdrant_url, qdrant_api_key) as session:
+        result = find_duplicates(session, options)
+        files = []
+        if report is not None:
+            from .dedup_report import write_dedup_report
+
+            files = [*write_tables(result, report), write_dedup_report(session, result, report)]
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+        return
+    s = result.summary()
+    _print(f"{result.collection}: {result.objects} objects, threshold {result.threshold:g}: "
+           f"{s['exact_groups']} exact groups ({s['exact_objects']} objects), "
+           f"{s['near_groups']} near groups ({s['near_objects']} objects)")
+    rows = [{"group": n, "kind": g.kind, "objects": len(g.members), "min": f"{g.min_score:.6f}", "max": f"{g.max_score:.6f}",
+             "classes": ", ".join(g.classes), "paths": ", ".join(m.path for m in g.members[:3])
+             + (" ..." if len(g.members) > 3 else "")}
+            for n, g in enumerate(result.exact + result.near, 1)]
+    if rows:
+        _print(_table("duplicate groups", rows[:30]))
+        if len(rows) > 30:
+            _print(f"... {len(rows) - 30} more groups (--json or --report for all)")
+    if result.test_objects:
+        _print(f"contamination: {len(result.contaminated)} of {result.test_objects} test objects have a copy in train")
+    for path in files:
+        _print(f"wrote {escape(str(path))}")
 
 
 @app.command()

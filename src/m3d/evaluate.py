@@ -38,19 +38,29 @@ class CollectionEval:
     recall_queries: int
     latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # engine -> p50/p95/p99
     excluded: int = 0  # queries left out of the quality metrics: no other member of their class
+    # with --exclude-duplicates T: the same figures with every candidate scoring >= T against the
+    # query removed from its ranking ({"threshold", "pairs", "p@5", "p@10", "map", "nn_acc"})
+    deduplicated: dict[str, float] | None = None
 
     def row(self) -> dict:
         row = {"collection": self.collection, "objects": self.objects, "classes": self.classes}
         row.update({f"p@{k}": round(v, 4) for k, v in self.precision.items()})
         row.update({"map": round(self.map, 4), "nn_acc": round(self.nn_accuracy, 4),
                     f"recall@{self.recall_k}": round(self.recall, 4), "excluded": self.excluded})
+        if self.deduplicated is not None:
+            d = self.deduplicated
+            row.update({"dup_pairs": int(d["pairs"]), **{f"dedup_p@{k}": round(d[f"p@{k}"], 4) for k in PRECISION_AT},
+                        "dedup_map": round(d["map"], 4), "dedup_nn_acc": round(d["nn_acc"], 4)})
         return row
 
 
-def ranking_metrics(vectors: np.ndarray, labels: np.ndarray, ks=PRECISION_AT) -> dict:
+def ranking_metrics(vectors: np.ndarray, labels: np.ndarray, ks=PRECISION_AT, *,
+                    exclude_above: float | None = None) -> dict:
     """precision@k, AP and nearest-neighbour hits for every row against all others (self excluded),
     computed exactly on unit vectors in chunks so memory stays bounded. Rows whose label no other row
-    shares get NaN everywhere and False in "scored": callers average over the scored rows only."""
+    shares get NaN everywhere and False in "scored": callers average over the scored rows only.
+    exclude_above: candidates scoring at or above it against the query (its near duplicates) are
+    removed from that query's ranking, as its own point is."""
     n = len(vectors)
     max_k = min(max(ks), n - 1)
     precision = {k: np.zeros(n) for k in ks}
@@ -60,8 +70,12 @@ def ranking_metrics(vectors: np.ndarray, labels: np.ndarray, ks=PRECISION_AT) ->
         hi = min(n, lo + CHUNK)
         sims = vectors[lo:hi] @ vectors.T
         sims[np.arange(hi - lo), np.arange(lo, hi)] = -np.inf  # never your own neighbour
+        if exclude_above is not None:
+            sims[sims >= exclude_above] = -np.inf
         order = np.argsort(-sims, axis=1, kind="stable")[:, : n - 1]
         relevant = labels[order] == labels[lo:hi, None]
+        if exclude_above is not None:  # removed candidates rank last: they must count as nothing
+            relevant &= np.take_along_axis(sims, order, axis=1) > -np.inf
         totals = relevant.sum(axis=1)
         lone = totals == 0
         for k in ks:
@@ -82,7 +96,7 @@ def _mean(values: np.ndarray) -> float:
 
 
 def evaluate_collection(session: Session, name: str, *, recall_k: int = 10, recall_queries: int = 1000,
-                        latency_queries: int = 100) -> CollectionEval:
+                        latency_queries: int = 100, exclude_duplicates: float | None = None) -> CollectionEval:
     index = session.exact(name)
     labels_by_id = {rec.id: rec.payload.get("class") for rec in session.vectors.records(name, fields=["class"])}
     ids = index.ids
@@ -116,8 +130,16 @@ def evaluate_collection(session: Session, name: str, *, recall_k: int = 10, reca
             recalls.append(sum(1 for pid in good if pid in f_top or
                                float(index.vectors[row_of[pid]] @ queries[q]) >= kth_score - TIE_EPS) / k)
         recall = float(np.mean(recalls))
+    deduplicated = None
+    if exclude_duplicates is not None:
+        from .dedup import near_pairs
+
+        dedup = ranking_metrics(index.vectors, labels, exclude_above=exclude_duplicates)
+        deduplicated = {"threshold": exclude_duplicates, "pairs": len(near_pairs(index.vectors, exclude_duplicates)),
+                        **{f"p@{k_}": _mean(dedup["precision"][k_]) for k_ in PRECISION_AT},
+                        "map": _mean(dedup["ap"]), "nn_acc": _mean(dedup["nn"])}
     return CollectionEval(
-        collection=name, objects=len(ids), classes=len(per_class),
+        collection=name, objects=len(ids), classes=len(per_class), deduplicated=deduplicated,
         precision={k_: _mean(metrics["precision"][k_]) for k_ in PRECISION_AT},
         map=_mean(metrics["ap"]), nn_accuracy=_mean(metrics["nn"]), per_class=per_class,
         excluded=int((~scored).sum()),
