@@ -25,18 +25,22 @@ def plot_nn_histogram(result: DedupResult, path: Path) -> Path:
     """Each object's cosine to its nearest other object, with the threshold drawn: duplicates are the
     bump at the right of the line, ordinary neighbours the mass to its left. The right panel zooms on
     the tail next to the threshold, where the choice is made."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     sims = np.asarray(result.nn_similarity, dtype=np.float64)
     t = result.threshold
     above = int((sims >= t).sum())
     fig = _figure(10, 3.8)
     zoom_lo = max(1.0 - 10 * (1.0 - t), -1.0) if t < 1.0 else 0.999
-    panels = [(fig.add_axes((0.07, 0.15, 0.5, 0.7)), min(float(sims.min(initial=t)), t - 0.02), "all objects"),
-              (fig.add_axes((0.65, 0.15, 0.32, 0.7)), zoom_lo, f"zoom: {zoom_lo:g} to 1")]
+    panels = [(fig.add_axes((0.08, 0.15, 0.5, 0.7)), min(float(sims.min(initial=t)), t - 0.02), "all objects"),
+              (fig.add_axes((0.66, 0.15, 0.32, 0.7)), zoom_lo, f"zoom: {zoom_lo:g} to 1")]
     for ax, lo, label in panels:
         shown = sims[sims >= lo]
         if len(shown):
             ax.hist(shown, bins=np.linspace(lo, 1.0, 60), color="#7a8fb8", edgecolor="white", linewidth=0.4)
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # counts, not 4x10^0
+            ax.yaxis.set_minor_formatter(NullFormatter())
         ax.axvline(t, color=WRONG, linewidth=1.6)
         ax.set_xlim(lo, 1.0 + (1.0 - lo) * 0.02)
         ax.set_xlabel("cosine to the nearest other object")

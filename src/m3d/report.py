@@ -700,7 +700,8 @@ def query_gallery(session: Session, result: QueryResult, title: str, path: Path)
     path = Path(path)
     renders = Renders(session, session.fingerprint(result.collection))
     query_view = result.views[0] if result.views is not None and len(result.views) else None
-    tiles = [_Tile(query_view, f"query\n{_short(title)}", colour=QUERY, frame=QUERY)]
+    tiles = [_Tile(query_view, f"query\n{_short(title)}", colour=QUERY, frame=QUERY,
+                   missing=f"text: {title}" if result.kind == "text" else "source not available")]
     for i, hit in enumerate(result.hits, 1):
         tiles.append(_Tile(renders.tile(hit.payload),
                            f"#{i} {_short(hit.payload.get('class', '?'), 18)}\nscore {hit.score:.3f}",

@@ -140,11 +140,12 @@ def choose_collection(session: Session, collection: str | None, kind: str = "mes
     if collection and can_answer_text(session, collection, checkpoint):
         return collection
     able = [n for n in names if can_answer_text(session, n, checkpoint)]
-    if collection or not able:
-        who = f"collection {collection}" if collection else "no collection here"
-        answer = f"collections that can: {', '.join(able)}" if able else \
-            "sync with a CLIP encoder (--encoders clip) to search by text"
-        raise UsageError(f"{who} cannot answer a text query (its encoder has no text tower); {answer}")
+    hint = "sync with a CLIP encoder (--encoders clip) to search by text"
+    if collection:
+        answer = f"collections that can: {', '.join(able)}" if able else f"none here can: {hint}"
+        raise UsageError(f"collection {collection} cannot answer a text query (its encoder has no text tower); {answer}")
+    if not able:
+        raise UsageError(f"no collection here can answer a text query (no encoder with a text tower); {hint}")
     return ([n for n in able if n.endswith("_mean")] or able)[0]
 
 
