@@ -6,6 +6,7 @@ are imported inside commands so `m3d --help` stays instant.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
@@ -14,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import M3DError, UsageError, printable
+from .errors import M3DError, UsageError, no_space, one_line, printable
 
 DEFAULT_DEDUP_THRESHOLD = 0.9995  # m3d.dedup.DEFAULT_THRESHOLD (not imported: `m3d --help` stays instant)
 
@@ -63,6 +64,13 @@ def friendly(command):
         except M3DError as exc:
             typer.echo(f"error: {printable(exc)}", err=True)
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:  # the environment said no (a full disk, a read-only folder, a file for a folder)
+            if exc.errno == errno.ENOSPC and exc.filename:
+                message = str(no_space(exc.filename))
+            else:
+                message = f"{exc.filename}: {exc.strerror}" if exc.filename else one_line(str(exc))
+            typer.echo(f"error: {printable(message)}", err=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             typer.echo("interrupted: run the same command again to finish the work", err=True)
             raise typer.Exit(130) from None
@@ -131,6 +139,7 @@ def sync(
     rebuild: Annotated[bool, typer.Option(help="Replace collections built with other settings instead of refusing.")] = False,
     engine: Annotated[str, typer.Option(help="local (processes on this machine) or ray (actors on a Ray cluster; pip install 'm3d[ray]').")] = "local",
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", envvar="RAY_ADDRESS", help="Ray cluster to run on with --engine ray, e.g. ray://head:10001 (default: a local Ray).")] = None,
+    verify: Annotated[bool, typer.Option(help="Hash every file, even those whose size, mtime, ctime and inode are unchanged.")] = False,
     store: StoreOpt = DEFAULT_STORE,
     qdrant_url: UrlOpt = None,
     qdrant_api_key: KeyOpt = None,
@@ -152,7 +161,7 @@ def sync(
         encoders=tuple(_csv(encoders) or []), pools=tuple(_csv(pools) or []),
         view=ViewSettings(views=views, elevation=elevation, size=size, renderer=renderer, up=up, layout=layout,
                           align=align), workers=workers,
-        batch_size=batch_size, device=device, precision=precision, max_faces=max_faces, rebuild=rebuild,
+        batch_size=batch_size, device=device, precision=precision, max_faces=max_faces, rebuild=rebuild, verify=verify,
         engine=engine, ray_address=ray_address if engine == "ray" else None,
     )
     _check_options(options)

@@ -59,6 +59,14 @@ def dataset_identity(root: str | Path, dataset: str | None = None) -> tuple[Path
     return given, dataset or given.name
 
 
+def file_stamp(path: Path) -> dict[str, int]:
+    """Size, mtime, ctime and inode (schemas.STAMP_FIELDS): an edit that restores the mtime still
+    moves the ctime, and a file replaced by a copy has a new inode."""
+    stat = path.stat()
+    return {"file_size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns,
+            "inode": stat.st_ino}
+
+
 def content_hash(path: Path) -> str:
     """blake2b of the file bytes: what decides whether a known file changed."""
     digest = hashlib.blake2b(digest_size=16)

@@ -50,8 +50,8 @@ class StoreError(M3DError):
     """The store refused an operation (unreachable server, incompatible collection, ...)."""
 
 
-def no_space(path) -> StoreError:
-    """The one line for a full disk: where, and how much is left."""
+def no_space(path, spare: int = 0) -> StoreError:
+    """The one line for a full disk: where, how much is left, and how much a write keeps spare."""
     import shutil
     from pathlib import Path
 
@@ -62,4 +62,5 @@ def no_space(path) -> StoreError:
         free = f"{shutil.disk_usage(where).free / 1e6:.0f} MB free"
     except OSError:
         free = "free space unknown"
-    return StoreError(f"store {path}: no space left ({free})")
+    keep = f"; writes keep {spare / 1e6:.0f} MB spare" if spare else ""
+    return StoreError(f"store {path}: no space left ({free}{keep})")

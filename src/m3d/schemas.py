@@ -14,8 +14,12 @@ COLLECTION_PREFIX = "m3d"
 #: Payload keys with a keyword index (the dashboard and `--class` filter on them).
 INDEXED_KEYWORDS = ("class", "split", "dataset")
 
+#: What the file system says about a file, compared the way version control compares it: any
+#: difference means its content is hashed again (size and mtime alone miss `cp -p`, `rsync -a` edits).
+STAMP_FIELDS = ("file_size", "mtime_ns", "ctime_ns", "inode")
+
 #: Payload keys the incremental sync reads back to decide what changed.
-SYNC_FIELDS = ["path", "dataset", "content_hash", "file_size", "mtime_ns", "pipeline"]
+SYNC_FIELDS = ["path", "dataset", "content_hash", *STAMP_FIELDS, "pipeline"]
 
 
 #: Payload key of each ViewSettings field inside a point's "pipeline" (resolution = size: the old name).
@@ -77,8 +81,7 @@ def object_payload(
     split: str | None,
     dataset: str,
     content_hash: str,
-    file_size: int,
-    mtime_ns: int,
+    stamp: dict[str, int],
     vertices: int,
     faces: int,
     fingerprint: Fingerprint,
@@ -91,8 +94,7 @@ def object_payload(
         "path": rel_path,
         "dataset": dataset,
         "content_hash": content_hash,
-        "file_size": file_size,
-        "mtime_ns": mtime_ns,
+        **{key: stamp[key] for key in STAMP_FIELDS},
         "vertices": vertices,
         "faces": faces,
         "pipeline": fingerprint.to_payload(),

@@ -4,6 +4,7 @@ it, and the sync reports. Everything a command needs is opened here, once, under
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ from .connector.exact import ExactIndex, ids_digest
 from .connector.lock import StoreLock
 from .errors import StoreError, UsageError
 from .schemas import COLLECTION_PREFIX, Fingerprint
+
+log = logging.getLogger("m3d")
 
 
 def is_unit(vector: np.ndarray | None, tol: float = 1e-3) -> bool:
@@ -87,8 +90,11 @@ class Session:
             ids.append(rec.id)
             matrix[row] = rec.vector
         index = ExactIndex(ids, matrix[: len(ids)])
-        index.save(self.exact_dir, name)
-        self._stale_marker(name).unlink(missing_ok=True)
+        try:
+            index.save(self.exact_dir, name)
+            self._stale_marker(name).unlink(missing_ok=True)
+        except OSError as exc:  # a read-only or full store still answers, from the index built in memory
+            log.warning("FAISS index of %s not saved (%s); answering from memory", name, exc.strerror)
         return index
 
     def drop(self, name: str) -> None:
@@ -277,14 +283,17 @@ def _same_rows(index: ExactIndex, ids: list[str], vectors: list[np.ndarray]) -> 
 def open_session(store_dir: Path, *, url: str | None = None, api_key: str | None = None,
                  create: bool = True) -> Session:
     """Lock the store directory, then open its Qdrant backend (embedded unless url is given).
-    create=False (commands that only read) refuses a store directory that does not exist yet, so a
-    mistyped --store says so instead of leaving an empty store behind."""
+    create=False (commands that only read) refuses a folder that is not a store, so a mistyped
+    --store says so instead of leaving an empty store (or a lock file) behind, and works on a store
+    it cannot write (a read-only mount, a full disk)."""
     store_dir = Path(store_dir)
-    if not create and url is None and not store_dir.is_dir():
+    if store_dir.exists() and not store_dir.is_dir():
+        raise UsageError(f"--store {store_dir} is a file, not a store directory")
+    if not create and url is None and not any((store_dir / part).is_dir() for part in ("qdrant", "faiss", "reports")):
         raise StoreError(f"no store at {store_dir}: run `m3d sync DIR --store {store_dir}` first, or pass --store")
-    lock = StoreLock(store_dir).__enter__()
+    lock = StoreLock(store_dir, write=create or url is not None).__enter__()  # server mode: local FAISS
     try:
-        vectors = open_store(store_dir, url=url, api_key=api_key)
+        vectors = open_store(store_dir, url=url, api_key=api_key, write=create)
     except BaseException:
         lock.__exit__(None, None, None)
         raise

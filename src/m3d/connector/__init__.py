@@ -48,6 +48,12 @@ class VectorStore(Protocol):
 
     def delete(self, name: str, ids: list[str]) -> None: ...
 
+    def require_space(self, need: int = 0) -> None:
+        """Raise StoreError (one line, with the MB free) unless a write of need bytes fits with room to spare."""
+
+    def set_payload(self, name: str, payloads: dict[str, dict]) -> None:
+        """Merge these keys into each point's payload (id -> keys); vectors are untouched."""
+
     def count(self, name: str) -> int: ...
 
     def records(self, name: str, *, fields: list[str] | None = None, vectors: bool = False) -> Iterator[Record]:
@@ -76,12 +82,14 @@ class VectorStore(Protocol):
     def close(self) -> None: ...
 
 
-def open_store(store_dir: Path, *, url: str | None = None, api_key: str | None = None) -> VectorStore:
-    """The embedded store under store_dir, or the Qdrant server at url when one is given."""
+def open_store(store_dir: Path, *, url: str | None = None, api_key: str | None = None,
+               write: bool = True) -> VectorStore:
+    """The embedded store under store_dir, or the Qdrant server at url when one is given. write=False
+    (commands that only read) lets the embedded store answer from a disk it cannot write."""
     if url:
         from .server import ServerStore
 
         return ServerStore(url, api_key=api_key)
     from .edge import EdgeStore
 
-    return EdgeStore(store_dir / "qdrant")
+    return EdgeStore(store_dir / "qdrant", write=write)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
@@ -20,6 +22,11 @@ from ..schemas import INDEXED_KEYWORDS
 from . import Hit, Record
 
 PAGE = 1024
+#: Room every write leaves free. The engine grows its files in 32 MB memory-mapped chunks, and a page
+#: the disk cannot hold kills the process with SIGBUS (nothing to catch, nothing printed): refuse first.
+SPARE_BYTES = 64 << 20
+#: Bytes a point costs on disk beyond its vector (payload, WAL entry, id tracker), generously.
+POINT_OVERHEAD = 4096
 T = TypeVar("T")
 
 
@@ -43,10 +50,12 @@ def _engine_error(exc: Exception, root: Path, name: str) -> Exception:
 
 
 class EdgeStore:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, *, write: bool = True):
         self.root = Path(root)
+        self.write = write
         self.location = f"embedded Qdrant (qdrant-edge) at {self.root.resolve()}"
         self._shards: dict[str, object] = {}
+        self._copies: dict[str, Path] = {}  # collection -> private copy opened because the store is read-only
 
     # -- collections -------------------------------------------------------------------------
     def _meta_path(self, name: str) -> Path:
@@ -90,11 +99,22 @@ class EdgeStore:
         tmp.write_text(json.dumps({"dim": dim, "distance": "cosine"}))
         tmp.replace(meta)
 
+    def require_space(self, need: int = 0) -> None:
+        """Refuse a write (one line, nothing touched) unless need bytes fit and SPARE_BYTES stay free."""
+        where = self.root if self.root.exists() else self.root.parent
+        try:
+            free = shutil.disk_usage(where).free
+        except OSError:
+            return  # nothing to measure yet: the write itself will say what is wrong
+        if free < need + SPARE_BYTES:
+            raise no_space(self.root.parent, SPARE_BYTES)
+
     def ensure_collection(self, name: str, dim: int) -> None:
         if self._meta_path(name).exists():
             if self.dim(name) != dim:
                 raise StoreError(f"collection {name} holds {self.dim(name)}-d vectors, not {dim}-d")
         else:
+            self.require_space()
             self._write_meta(name, dim)
         self._index_payload(name)  # also brings back indexes lost with a segments/ directory
 
@@ -165,7 +185,7 @@ class EdgeStore:
         dim = self.dim(name)
         try:
             if path.exists() and any(path.iterdir()):
-                shard = q.EdgeShard.load(str(path))
+                shard = q.EdgeShard.load(str(self._openable(name, path)))
             else:
                 config = q.EdgeConfig(vectors=q.EdgeVectorParams(size=dim, distance=q.Distance.Cosine))
                 shard = q.EdgeShard.create(str(path), config)
@@ -173,6 +193,22 @@ class EdgeStore:
             raise _engine_error(exc, self.root, name) from None
         self._shards[name] = shard
         return shard
+
+    def _openable(self, name: str, path: Path) -> Path:
+        """The shard directory to open: the store's own, or, for a reader, a private copy when the
+        store cannot be written (a read-only mount, a published store) or its disk is full, since the
+        engine writes to its files even to open them (on a full disk: SIGBUS). Holes stay holes: the
+        engine's 32 MB mmap files are mostly empty."""
+        if self.write or (os.access(path, os.W_OK) and shutil.disk_usage(path).free >= SPARE_BYTES):
+            return path
+        scratch = Path(tempfile.mkdtemp(prefix=f"m3d-readonly-{name}-"))
+        self._copies[name] = scratch
+        try:
+            shutil.copytree(path, scratch / "shard", copy_function=_copy_sparse)
+        except OSError as exc:
+            raise StoreError(f"collection {name}: the store is read-only and its private copy in {scratch.parent} "
+                             f"failed ({exc.strerror})") from None
+        return scratch / "shard"
 
     def _run(self, name: str, call: Callable[[object], T]) -> T:
         """One engine call on a collection's shard, its bare Exceptions turned into one-line errors."""
@@ -185,14 +221,22 @@ class EdgeStore:
     # -- points ------------------------------------------------------------------------------
     def upsert(self, name: str, ids: list[str], vectors: np.ndarray, payloads: list[dict]) -> None:
         q = _engine()
+        self.require_space(2 * len(ids) * (vectors.shape[1] * 4 + POINT_OVERHEAD))  # segment + WAL
         points = [q.Point(pid, vec, payload) for pid, vec, payload in zip(ids, vectors.tolist(), payloads)]
         self._update(name, q.UpdateOperation.upsert_points(points))
+
+    def set_payload(self, name: str, payloads: dict[str, dict]) -> None:
+        q = _engine()
+        for pid, keys in payloads.items():
+            self._update(name, q.UpdateOperation.set_payload([pid], keys))
 
     def delete(self, name: str, ids: list[str]) -> None:
         if ids:
             self._update(name, _engine().UpdateOperation.delete_points(list(ids)))
 
     def _update(self, name: str, operation) -> None:
+        if name in self._copies:
+            raise StoreError(f"store {self.root.parent} cannot be written: it was opened read-only")
         self._run(name, lambda shard: shard.update(operation))
 
     def count(self, name: str) -> int:
@@ -248,8 +292,35 @@ class EdgeStore:
                 except Exception as exc:
                     error = error or _engine_error(exc, self.root, name)
         self._shards.clear()
+        for scratch in self._copies.values():
+            shutil.rmtree(scratch, ignore_errors=True)
+        self._copies.clear()
         if error is not None:
             raise error
+
+
+def _copy_sparse(src: str, dst: str) -> None:
+    """shutil.copy2 that copies only the data regions (SEEK_DATA/SEEK_HOLE) and keeps the holes."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(fin.fileno(), offset, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
+            fin.seek(start)
+            fout.seek(start)
+            while start < end:
+                chunk = fin.read(min(end - start, 1 << 20))
+                if not chunk:
+                    break
+                fout.write(chunk)
+                start += len(chunk)
+            offset = end
+        fout.truncate(size)
+    shutil.copystat(src, dst)
 
 
 def _as_array(vector) -> np.ndarray:

@@ -121,6 +121,14 @@ class ServerStore:
         points = models.Batch(ids=list(ids), vectors=np.asarray(vectors, np.float32).tolist(), payloads=payloads)
         self._call(f"upsert into {name}", lambda: self.client.upsert(name, points=points, wait=True))
 
+    def require_space(self, need: int = 0) -> None:
+        """The server minds its own disk (and says so in its answers)."""
+
+    def set_payload(self, name: str, payloads: dict[str, dict]) -> None:
+        for pid, keys in payloads.items():
+            self._call(f"set payload in {name}",
+                       lambda pid=pid, keys=keys: self.client.set_payload(name, payload=keys, points=[pid], wait=True))
+
     def delete(self, name: str, ids: list[str]) -> None:
         from qdrant_client import models
 

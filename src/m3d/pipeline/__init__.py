@@ -49,6 +49,7 @@ def sync(
     explicit = dataset is not None
     root, dataset = dataset_identity(root, dataset)
     files, skips = discover(root, classes=classes, split=split, per_class=per_class, limit=limit, dataset=dataset)
+    session.vectors.require_space()  # before the first write: a full disk is one line, never a SIGBUS
     moved_from = session.claim_root(dataset, root, explicit=explicit)
     if moved_from:
         log.warning("dataset %s moved: %s -> %s", dataset, moved_from, root)
@@ -66,6 +67,8 @@ def sync(
     plan = plan_sync(files, known, targets, options, dataset, prune)
     report.unchanged, report.added, report.updated = plan.unchanged, plan.added, plan.updated
     report.removed = len(plan.remove)
+    for name, stamps in plan.restamp.items():
+        session.vectors.set_payload(name, stamps)  # next time these files are known by their stamp again
     if plan.tasks or plan.remove:
         for name in targets:
             session.mark_stale(name)  # durably, before Qdrant changes

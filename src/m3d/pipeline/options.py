@@ -31,6 +31,7 @@ class SyncOptions:
     rebuild: bool = False  # drop collections whose fingerprint differs instead of refusing
     engine: str = "local"  # which scheduler runs the stages: local (processes + threads) or ray
     ray_address: str | None = None  # the Ray cluster to join (None: RAY_ADDRESS, else a local Ray)
+    verify: bool = False  # hash every file, even those whose size, times and inode are unchanged
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:

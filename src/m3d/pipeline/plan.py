@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..dataset import MeshFile, content_hash
+from ..dataset import MeshFile, content_hash, file_stamp
 from ..errors import StoreError
 from ..render import ViewSettings
 from ..schemas import SYNC_FIELDS, Fingerprint, collection_name
@@ -58,6 +58,7 @@ class Plan:
     updated: int = 0
     unchanged: int = 0
     known: dict[str, list[str]] = field(default_factory=dict)  # collection -> ids it held before the run
+    restamp: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # collection -> id -> new stamp
 
 
 def build_targets(encoders: list, options: SyncOptions) -> dict[str, Target]:
@@ -123,9 +124,13 @@ def plan_sync(files: list[MeshFile], known: dict[str, dict[str, dict]], targets:
             record = records.get(pid)
             if record is None or not targets[name].fingerprint.matches(record.get("pipeline")):
                 missing.add(targets[name].encoder.name)
-            elif not same_content(file, record, hash_cache):
+                continue
+            same, stamp = same_content(file, record, hash_cache, verify=options.verify)
+            if not same:
                 missing.add(targets[name].encoder.name)
                 changed = True
+            elif stamp is not None:  # touched, copied with -p, chmod-ed: same bytes, new stamp to remember
+                plan.restamp.setdefault(name, {})[pid] = stamp
         if not missing:
             plan.unchanged += 1
             continue
@@ -142,19 +147,25 @@ def plan_sync(files: list[MeshFile], known: dict[str, dict[str, dict]], targets:
     return plan
 
 
-def same_content(file: MeshFile, record: dict, hash_cache: dict[str, str]) -> bool:
-    """Unchanged when size and mtime match; otherwise when the content hash still matches."""
+def same_content(file: MeshFile, record: dict, hash_cache: dict[str, str], *,
+                 verify: bool = False) -> tuple[bool, dict[str, int] | None]:
+    """Whether the file still holds what the point was made from, as version control decides it: the
+    same size, mtime, ctime and inode mean unchanged; any difference (or verify) means hash and
+    compare. Also returns the file's new stamp when only the stamp moved, so it can be remembered."""
     try:
-        stat = file.path.stat()
+        stamp = file_stamp(file.path)
     except OSError:
-        return False
-    if record.get("file_size") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns:
-        return True
-    if record.get("file_size") != stat.st_size:
-        return False
+        return False, None
+    stamp_same = all(record.get(key) == value for key, value in stamp.items())
+    if stamp_same and not verify:
+        return True, None
+    if record.get("file_size") != stamp["file_size"]:
+        return False, None
     if file.rel_path not in hash_cache:
         try:
             hash_cache[file.rel_path] = content_hash(file.path)
         except OSError:
-            return False
-    return hash_cache[file.rel_path] == record.get("content_hash")
+            return False, None
+    if hash_cache[file.rel_path] != record.get("content_hash"):
+        return False, None
+    return True, None if stamp_same else stamp

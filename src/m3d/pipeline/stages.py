@@ -14,12 +14,12 @@ import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ..dataset import MeshFile, bytes_hash, content_hash
+from ..dataset import MeshFile, bytes_hash, content_hash, file_stamp
 from ..errors import M3DError
 from ..meshio import load_mesh
 from ..orientation import pose
@@ -65,8 +65,7 @@ class Rendered:
     reason: str | None = None
     bad_input: bool = False  # the file itself is unusable (not a passing I/O or library failure)
     content_hash: str = ""
-    file_size: int = 0
-    mtime_ns: int = 0
+    stamp: dict[str, int] = field(default_factory=dict)  # dataset.file_stamp, taken before the read
     vertices: int = 0
     faces: int = 0
     pose: dict | None = None  # the rotation it was rendered with (orientation.Pose.to_payload)
@@ -100,8 +99,7 @@ def render(task: Task, context: RenderContext) -> Rendered:
     result = Rendered(task)
     try:
         # stat before reading: a file edited in between then looks changed next time, never fresh
-        stat = task.file.path.stat()
-        result.file_size, result.mtime_ns = stat.st_size, stat.st_mtime_ns
+        result.stamp = file_stamp(task.file.path)
         read: dict[str, str] = {}  # the OFF reader hands over the bytes it read: hash them, no second read
         mesh = load_mesh(task.file.path, max_faces=context.spec.max_faces,
                          on_bytes=lambda data: read.setdefault("hash", bytes_hash(data)))
@@ -157,7 +155,7 @@ def embed(batch: list[Rendered], encoders: dict[str, tuple[Any, list[Target]]]) 
             vectors = pool(target.pool, per_view).cpu().numpy()
             payloads = [
                 object_payload(rel_path=b.file.rel_path, label=b.file.label, split=b.file.split, dataset=b.file.dataset,
-                               content_hash=b.content_hash, file_size=b.file_size, mtime_ns=b.mtime_ns,
+                               content_hash=b.content_hash, stamp=b.stamp,
                                vertices=b.vertices, faces=b.faces, fingerprint=target.fingerprint,
                                pose=b.pose)
                 for b in members
