@@ -123,3 +123,62 @@ def test_busy_inside_one_process_is_reported(tmp_path):
     with open_session(tmp_path / "s"):
         with pytest.raises(StoreBusyError):
             open_session(tmp_path / "s")
+
+
+class _Garbage(__import__("http.server").server.BaseHTTPRequestHandler):
+    """Answers every request 200 with bytes that are not UTF-8 (a proxy page, the wrong service)."""
+
+    requests = 0
+
+    def do_GET(self):
+        type(self).requests += 1
+        body = b"\xff\xfe\x00not json\x80"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_server_answering_garbage_is_one_line_without_retries():
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Garbage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        store = ServerStore(f"http://127.0.0.1:{server.server_address[1]}", retries=3, backoff_s=0.01)
+        with pytest.raises(StoreError) as err:
+            store.collections()
+    finally:
+        server.shutdown()
+    assert "not a Qdrant server" in str(err.value) and "\n" not in str(err.value)
+    assert _Garbage.requests == 1  # not transient: asked once
+
+
+def test_server_that_never_answers_fails_within_its_timeouts(caplog):
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    held = []
+
+    def accept_and_ignore():  # takes every connection, never says a word
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept_and_ignore, daemon=True).start()
+    store = ServerStore(f"http://127.0.0.1:{listener.getsockname()[1]}", retries=2, backoff_s=0.01, timeout_s=1)
+    with caplog.at_level("WARNING", logger="m3d"), pytest.raises(StoreError) as err:
+        store.collections()
+    listener.close()
+    message = str(err.value)
+    assert "failed after 2 tries" in message and "1 s timeout each" in message and "\n" not in message
+    assert len(held) == 2  # one connection per try, each ended by the read timeout
+    assert any("retrying" in r.message and "gives up within" in r.message for r in caplog.records)

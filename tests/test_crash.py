@@ -129,3 +129,29 @@ def json_loads_last(text: str) -> dict:
     import json
 
     return json.loads(text[text.index("{"):])
+
+
+def test_render_workers_exit_when_the_sync_is_killed(tree, tmp_path):
+    """kill -9 of the main process must not leave render workers behind (each holds a GL context and
+    ~200 MB): they notice their parent is gone and exit."""
+    import psutil
+
+    cmd = [sys.executable, "-m", "m3d.cli", "-v", "sync", str(tree), "--store", str(tmp_path / "store"),
+           *[a if a != "0" else "2" for a in ARGS]]  # two render worker processes
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    for line in proc.stderr:
+        if "plan:" in line:
+            break
+    deadline = time.monotonic() + 30
+    workers = []
+    while len(workers) < 2 and time.monotonic() < deadline:
+        workers = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        time.sleep(0.05)
+    assert len(workers) == 2, "render workers not found"
+    proc.kill()
+    proc.wait(timeout=30)
+    gone, alive = psutil.wait_procs(workers, timeout=60)
+    for p in alive:
+        p.kill()
+    assert not alive, f"{len(alive)} render workers outlived their parent"

@@ -2,11 +2,15 @@
 
 `url=":memory:"` gives qdrant-client's in-process mode with the same API, which the tests use to run
 this code path without a server. Transient failures (connection refused, timeouts, 5xx) are retried
-with exponential backoff, then reported as one line; the API key never appears in messages.
+with exponential backoff, each retry announced with how long it will keep trying, then reported as one
+line; every call is bounded by its timeout (a server that accepts and never answers costs
+RETRIES x TIMEOUT_S plus the backoff, ~32 s, not minutes). An answer that is not Qdrant's JSON is one
+line at once. The API key never appears in messages.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable, Iterator, TypeVar
 from urllib.parse import urlsplit
@@ -19,8 +23,11 @@ from . import Hit, Record
 
 T = TypeVar("T")
 PAGE = 1024
-RETRIES = 5
+RETRIES = 3
 BACKOFF_S = 0.5
+TIMEOUT_S = 10  # connect and read, per call
+
+log = logging.getLogger("m3d")
 
 
 def _public_location(url: str) -> str:
@@ -34,7 +41,8 @@ def _public_location(url: str) -> str:
 
 
 class ServerStore:
-    def __init__(self, url: str, *, api_key: str | None = None, retries: int = RETRIES, backoff_s: float = BACKOFF_S):
+    def __init__(self, url: str, *, api_key: str | None = None, retries: int = RETRIES, backoff_s: float = BACKOFF_S,
+                 timeout_s: int = TIMEOUT_S):
         """url: http(s)://host[:port] for REST, grpc://host[:port] (default port 6334) for gRPC, or :memory:."""
         from qdrant_client import QdrantClient
 
@@ -42,6 +50,7 @@ class ServerStore:
         self._api_key = api_key
         self._retries = retries
         self._backoff_s = backoff_s
+        self._timeout_s = timeout_s
         self._local = url == ":memory:"
         if self._local:
             self.client = QdrantClient(location=":memory:")
@@ -52,15 +61,15 @@ class ServerStore:
                              "https://host or grpc://host:6334")
         if parts.scheme == "grpc":
             self.client = QdrantClient(host=parts.hostname, grpc_port=parts.port or 6334, prefer_grpc=True,
-                                       https=False, api_key=api_key, timeout=30, check_compatibility=False)
+                                       https=False, api_key=api_key, timeout=timeout_s, check_compatibility=False)
         else:
-            self.client = QdrantClient(url=url, api_key=api_key, timeout=30, check_compatibility=False)
+            self.client = QdrantClient(url=url, api_key=api_key, timeout=timeout_s, check_compatibility=False)
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
-        """Run fn, retrying transient failures with exponential backoff."""
+        """Run fn, retrying transient failures with exponential backoff (each retry said on stderr)."""
         from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-        delay = self._backoff_s
+        delay, started = self._backoff_s, time.monotonic()
         for attempt in range(1, self._retries + 1):
             try:
                 return fn()
@@ -68,6 +77,9 @@ class ServerStore:
                 if exc.status_code is not None and exc.status_code < 500:
                     raise StoreError(f"{self.location}: {what} refused: {self._clean(exc)}") from None
                 error = exc
+            except ValueError as exc:  # undecodable bytes, not JSON, not Qdrant's schema: not transient
+                raise StoreError(f"{self.location}: {what}: the answer is not a Qdrant server's "
+                                 f"({type(exc).__name__}); is this URL a Qdrant server?") from None
             except (ResponseHandlingException, ConnectionError, TimeoutError, OSError) as exc:
                 error = exc
             except Exception as exc:  # grpc errors have no common import-free base
@@ -76,9 +88,13 @@ class ServerStore:
                 else:
                     raise
             if attempt < self._retries:
+                left = (self._retries - attempt) * self._timeout_s + delay * (2 ** (self._retries - attempt) - 1)
+                log.warning("%s: %s: %s; retrying in %.1f s (gives up within about %.0f s)", self.location, what,
+                            self._clean(error), delay, left)
                 time.sleep(delay)
                 delay *= 2
-        raise StoreError(f"{self.location}: {what} failed after {self._retries} tries: {self._clean(error)}")
+        raise StoreError(f"{self.location}: {what} failed after {self._retries} tries over "
+                         f"{time.monotonic() - started:.0f} s ({self._timeout_s} s timeout each): {self._clean(error)}")
 
     def _clean(self, exc: Exception) -> str:
         text = (str(exc).splitlines() or [type(exc).__name__])[0]
