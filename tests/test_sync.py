@@ -236,7 +236,7 @@ def test_crash_before_faiss_rebuild_never_serves_old_vectors(tree, tmp_path, mon
         sync(session, tree, HOG)
     changed = tree / "Cup" / "train" / "21.off"
     shutil.copyfile(tree / "Chair" / "train" / "103.off", changed)
-    monkeypatch.setattr(Session, "refresh_exact", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(Session, "save_exact", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with open_session(tmp_path / "store") as session:
         with pytest.raises(KeyboardInterrupt):  # Qdrant is written, FAISS is not: the crash window
             sync(session, tree, HOG)

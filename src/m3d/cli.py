@@ -89,6 +89,14 @@ def _csv(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
+def _ints(option: str, value: str | None) -> list[int] | None:
+    """A comma-separated list of integers (e.g. --hnsw-ef 16,32,64)."""
+    try:
+        return [int(v) for v in _csv(value)] if value else None
+    except ValueError:
+        raise UsageError(f"{option} takes integers separated by commas, got {value!r}") from None
+
+
 def _table(title: str, rows: list[dict]):
     """A rich table whose cells are plain text: names like `x[/bold].off` are shown, never read as markup."""
     from rich.table import Table
@@ -140,6 +148,14 @@ def sync(
     engine: Annotated[str, typer.Option(help="local (processes on this machine) or ray (actors on a Ray cluster; pip install 'm3d[ray]').")] = "local",
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", envvar="RAY_ADDRESS", help="Ray cluster to run on with --engine ray, e.g. ray://head:10001 (default: a local Ray).")] = None,
     verify: Annotated[bool, typer.Option(help="Hash every file, even those whose size, mtime, ctime and inode are unchanged.")] = False,
+    hnsw_m: Annotated[Optional[int], typer.Option(help="HNSW edges per node (new collections; default 16).", rich_help_panel="Index")] = None,
+    hnsw_ef_construct: Annotated[Optional[int], typer.Option(help="HNSW build candidates (default 100).", rich_help_panel="Index")] = None,
+    index_threshold: Annotated[Optional[int], typer.Option(help="Build the HNSW graph once a collection segment holds this many points; 0 = always (default 10000).", rich_help_panel="Index")] = None,
+    quantization: Annotated[Optional[str], typer.Option(help="none, int8 (scalar) or binary; searches rescore with the original vectors (default none).", rich_help_panel="Index")] = None,
+    on_disk: Annotated[Optional[bool], typer.Option("--on-disk/--in-ram", show_default=False, help="Keep original vectors on disk (memory-mapped) instead of in RAM (default in RAM).", rich_help_panel="Index")] = None,
+    shards: Annotated[Optional[int], typer.Option(help="Server only: shards per collection, fixed at creation (a multiple of the node count).", rich_help_panel="Server")] = None,
+    replication_factor: Annotated[Optional[int], typer.Option(help="Server only: copies of each shard.", rich_help_panel="Server")] = None,
+    write_consistency: Annotated[Optional[int], typer.Option(help="Server only: replicas that must acknowledge each write (at most --replication-factor).", rich_help_panel="Server")] = None,
     store: StoreOpt = DEFAULT_STORE,
     qdrant_url: UrlOpt = None,
     qdrant_api_key: KeyOpt = None,
@@ -153,16 +169,22 @@ def sync(
 
     Example: m3d sync ../shared/datasets/lpsb --encoders hog
     """
+    from .connector import IndexSettings
     from .pipeline import SyncOptions
     from .pipeline import sync as run_sync
     from .render import ViewSettings
 
+    index = IndexSettings(hnsw_m=hnsw_m, hnsw_ef_construct=hnsw_ef_construct, index_threshold=index_threshold,
+                          quantization=quantization, on_disk=on_disk, shards=shards,
+                          replication_factor=replication_factor, write_consistency=write_consistency)
+    index.check_backend(server=bool(qdrant_url))
     options = SyncOptions(
         encoders=tuple(_csv(encoders) or []), pools=tuple(_csv(pools) or []),
         view=ViewSettings(views=views, elevation=elevation, size=size, renderer=renderer, up=up, layout=layout,
                           align=align), workers=workers,
         batch_size=batch_size, device=device, precision=precision, max_faces=max_faces, rebuild=rebuild, verify=verify,
         engine=engine, ray_address=ray_address if engine == "ray" else None,
+        index=index,
     )
     _check_options(options)
     with _session(store, qdrant_url, qdrant_api_key, create=True) as session, _progress(as_json) as progress:
@@ -170,6 +192,7 @@ def sync(
                           limit=limit, dataset=dataset, progress=progress)
         report_path = session.reports_dir / "last-sync.json"
         location = session.vectors.location
+        indexes = {name: session.vectors.index_info(name).state for name in report.collections}
     if as_json:
         typer.echo(json.dumps(report.summary(), indent=2))
     else:
@@ -185,6 +208,9 @@ def sync(
             _print(f"  skipped {skip['rel_path']}: {skip['reason']}")
         if len(s.skipped) > 10:
             _print(f"  ... {len(s.skipped) - 10} more")
+        for name, state in indexes.items():
+            built = s.index_seconds.get(name, 0.0)
+            _print(f"  {name}: index {state}" + (f", built in {built:.1f} s" if built >= 0.05 else ""))
         _print(f"collections: {', '.join(s.collections)}\nstore: {location}\nreport: {report_path}")
     raise typer.Exit(report.exit_status)
 
@@ -243,6 +269,9 @@ def query(
     exact: Annotated[bool, typer.Option(help="Answer from the FAISS exact index instead of Qdrant.")] = False,
     up: Annotated[Optional[str], typer.Option(help="Up axis of MESH (x, y, z, -x, -y, -z) when it differs from the collection's rule.")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="The checkpoint directory of a collection synced from a local checkpoint on another machine (its place is remembered where it was synced).")] = None,
+    hnsw_ef: Annotated[Optional[int], typer.Option(help="Qdrant's HNSW search candidates (default: the engine's).")] = None,
+    rescore: Annotated[bool, typer.Option(help="Re-rank quantized candidates with the original vectors.")] = True,
+    oversampling: Annotated[float, typer.Option(help="Quantized collections: candidates per result that are rescored.")] = 2.0,
     gallery: Annotated[Optional[Path], typer.Option(help="Also write the query and its neighbours as one PNG.")] = None,
     store: StoreOpt = DEFAULT_STORE,
     qdrant_url: UrlOpt = None,
@@ -255,13 +284,15 @@ def query(
     Examples: m3d query chair.off --k 5 --class Chair;  m3d query --image photo.jpg;
     m3d query --text "a wooden chair with armrests"
     """
+    from .connector import SearchSettings
     from .search import Query
     from .search import query as run_query
 
     q = Query(mesh=mesh, image=image, text=text)  # checked before the store is opened
+    params = SearchSettings(hnsw_ef=hnsw_ef, rescore=rescore, oversampling=oversampling)
     with _session(store, qdrant_url, qdrant_api_key) as session:
         result = run_query(session, mesh, image=image, text=text, collection=collection, k=k, label=label,
-                           exact=exact, up=up, checkpoint=checkpoint)
+                           exact=exact, up=up, checkpoint=checkpoint, params=params)
         if gallery is not None:
             from .report import query_gallery
 
@@ -283,6 +314,9 @@ def eval_(
     collection: Annotated[Optional[list[str]], typer.Option(help="Collection(s) to evaluate (default: all).")] = None,
     recall_k: Annotated[int, typer.Option(min=1, help="k of Qdrant-vs-FAISS recall.")] = 10,
     recall_queries: Annotated[int, typer.Option(min=1, help="Queries used for recall (spread over the collection).")] = 1000,
+    hnsw_ef: Annotated[Optional[str], typer.Option(help="Qdrant's HNSW search candidates; several (16,32,64,128,256) sweep them and the report draws recall against latency.")] = None,
+    rescore: Annotated[bool, typer.Option(help="Re-rank quantized candidates with the original vectors.")] = True,
+    oversampling: Annotated[float, typer.Option(help="Quantized collections: candidates per result that are rescored.")] = 2.0,
     out: Annotated[Optional[Path], typer.Option(help="Where to write eval.csv / eval_per_class.csv / eval.json (default: STORE/eval).")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Also write figures and index.html to this folder.")] = None,
     queries: Annotated[Optional[str], typer.Option(help="With --report: relative paths of the gallery queries (comma-separated).")] = None,
@@ -296,15 +330,18 @@ def eval_(
     queries all others), per class, and recall@k of Qdrant's answers against FAISS's exact ones."""
     from dataclasses import asdict
 
+    from .connector import SearchSettings
     from .evaluate import evaluate, write_results
 
     if exclude_duplicates is not None:
         from .dedup import DedupOptions
 
         DedupOptions(threshold=exclude_duplicates)  # validates the cosine before the store is opened
+    search = tuple(SearchSettings(hnsw_ef=ef, rescore=rescore, oversampling=oversampling)
+                   for ef in _ints("--hnsw-ef", hnsw_ef) or [None])
     with _session(store, qdrant_url, qdrant_api_key) as session:
         results = evaluate(session, collection, recall_k=recall_k, recall_queries=recall_queries,
-                           exclude_duplicates=exclude_duplicates)
+                           exclude_duplicates=exclude_duplicates, search=search)
         if not results:
             raise M3DError("no collection with two or more objects to evaluate: run `m3d sync DIR` first")
         files = write_results(results, out or store / "eval")
@@ -381,7 +418,9 @@ def info(
         for name in session.collections():
             fp = session.fingerprint(name)
             classes = session.vectors.facet(name, "class")
+            index = session.vectors.index_info(name)
             rows.append({"collection": name, "points": session.vectors.count(name), "dim": session.vectors.dim(name),
+                         "index": index.state, "threshold": index.settings.index_threshold,
                          "classes": len(classes), "encoder": fp.model_id if fp else "",
                          **{k: getattr(fp.view, k) if fp else "" for k in INFO_VIEW_FIELDS}})
         location = session.vectors.location

@@ -2,9 +2,11 @@
 
 Every object queries its collection; its own point is excluded by id. precision@k is the fraction of
 the k nearest that share the query's class; mAP ranks the whole collection; recall@k compares
-Qdrant's answers with FAISS's exact ones for the same query vectors. A query whose class has no other
-member cannot be answered right: it is left out of every quality metric (p@k, NN, mAP, per class) and
-counted in ``excluded``, so one convention holds everywhere.
+Qdrant's answers, as configured (HNSW graph, quantization, search-time ef), with FAISS's exact ones for
+the same query vectors. A collection without an HNSW graph is searched exactly by Qdrant too: its
+recall says only that both engines hold the same rows, and the table says so. A query whose class has
+no other member cannot be answered right: it is left out of every quality metric (p@k, NN, mAP, per
+class) and counted in ``excluded``, so one convention holds everywhere.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .connector import SearchSettings
 from .store import Session
 
 PRECISION_AT = (5, 10)
@@ -34,24 +37,35 @@ class CollectionEval:
     nn_accuracy: float
     per_class: dict[str, dict[str, float]]  # class -> {"objects", "p@5", "p@10", "map"}; scored classes only
     recall_k: int
-    recall: float  # mean recall@k of Qdrant against FAISS
+    recall: float  # mean recall@k of Qdrant (first search setting) against FAISS
     recall_queries: int
     latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # engine -> p50/p95/p99
     excluded: int = 0  # queries left out of the quality metrics: no other member of their class
     # with --exclude-duplicates T: the same figures with every candidate scoring >= T against the
     # query removed from its ranking ({"threshold", "pairs", "p@5", "p@10", "map", "nn_acc"})
     deduplicated: dict[str, float] | None = None
+    index: str = ""  # Qdrant's index as built: "none (exact scan)" or "hnsw m=16 ef_construct=100 ..."
+    indexed: int = 0  # vectors in an HNSW graph; 0 = Qdrant searched exactly
+    sweep: list[dict] = field(default_factory=list)  # per search setting: hnsw_ef, recall, p50/p95/p99 ms
 
     def row(self) -> dict:
         row = {"collection": self.collection, "objects": self.objects, "classes": self.classes}
         row.update({f"p@{k}": round(v, 4) for k, v in self.precision.items()})
-        row.update({"map": round(self.map, 4), "nn_acc": round(self.nn_accuracy, 4),
-                    f"recall@{self.recall_k}": round(self.recall, 4), "excluded": self.excluded})
+        row.update({"map": round(self.map, 4), "nn_acc": round(self.nn_accuracy, 4), "excluded": self.excluded,
+                    "qdrant index": self.index})
+        for point in self.sweep if len(self.sweep) > 1 else self.sweep[:1] or [{"recall": self.recall}]:
+            key = f"recall@{self.recall_k}" + (f" ef={point['hnsw_ef']}" if len(self.sweep) > 1 else "")
+            row[key] = self.shown_recall(point["recall"])
         if self.deduplicated is not None:
             d = self.deduplicated
             row.update({"dup_pairs": int(d["pairs"]), **{f"dedup_p@{k}": round(d[f"p@{k}"], 4) for k in PRECISION_AT},
                         "dedup_map": round(d["map"], 4), "dedup_nn_acc": round(d["nn_acc"], 4)})
         return row
+
+    def shown_recall(self, recall: float) -> float | str:
+        """Without an HNSW graph both engines search exactly: a perfect score is no finding, say so.
+        Anything less is shown as it is (then the two engines disagree about the rows)."""
+        return "exact (no index)" if not self.indexed and recall >= 1.0 else round(recall, 4)
 
 
 def ranking_metrics(vectors: np.ndarray, labels: np.ndarray, ks=PRECISION_AT, *,
@@ -96,7 +110,9 @@ def _mean(values: np.ndarray) -> float:
 
 
 def evaluate_collection(session: Session, name: str, *, recall_k: int = 10, recall_queries: int = 1000,
-                        latency_queries: int = 100, exclude_duplicates: float | None = None) -> CollectionEval:
+                        latency_queries: int = 100, exclude_duplicates: float | None = None,
+                        search: tuple[SearchSettings, ...] = (SearchSettings(),)) -> CollectionEval:
+    """Quality from the exact index; then Qdrant against FAISS for each search setting (an ef sweep)."""
     index = session.exact(name)
     labels_by_id = {rec.id: rec.payload.get("class") for rec in session.vectors.records(name, fields=["class"])}
     ids = index.ids
@@ -110,26 +126,19 @@ def evaluate_collection(session: Session, name: str, *, recall_k: int = 10, reca
                             **{f"p@{k}": _mean(metrics["precision"][k][mask]) for k in PRECISION_AT},
                             "map": _mean(metrics["ap"][mask])}
 
-    # Qdrant against FAISS on the same query vectors (self excluded from both answers).
     sample = np.linspace(0, len(ids) - 1, num=min(recall_queries, len(ids)), dtype=int) if ids else np.array([], int)
     queries = index.vectors[sample]
     k = min(recall_k, len(ids) - 1)
-    recall = 1.0
-    if k > 0 and len(sample):
-        qdrant = session.vectors.search(name, queries, k + 1)
-        _, exact = index.search(queries, k + 1)
-        row_of = {pid: row for row, pid in enumerate(ids)}
-        recalls = []
-        for q, (row, q_hits, f_ids) in enumerate(zip(sample, qdrant, exact)):
-            own = ids[row]
-            f_top = [i for i in f_ids if i != own][:k]
-            kth_score = float(index.vectors[row_of[f_top[-1]]] @ queries[q])
-            # A hit counts when FAISS has it too or when it ties FAISS's k-th score (float noise
-            # between engines reorders equal-scored neighbours; neither answer is wrong then).
-            good = [h.id for h in q_hits if h.id != own][:k]
-            recalls.append(sum(1 for pid in good if pid in f_top or
-                               float(index.vectors[row_of[pid]] @ queries[q]) >= kth_score - TIE_EPS) / k)
-        recall = float(np.mean(recalls))
+    exact = index.search(queries, k + 1)[1] if k > 0 and len(sample) else []
+    faiss_latency = _latency(lambda v: index.search(v[None], recall_k), queries[:latency_queries])
+    sweep = []
+    for params in search:
+        recall = _recall(session, name, index, sample, queries, exact, k, params) if exact else 1.0
+        latency = _latency(lambda v: session.vectors.search(name, v[None], recall_k, params=params),
+                           queries[:latency_queries])
+        sweep.append({"hnsw_ef": params.hnsw_ef, "recall": recall, **latency})
+    info = session.vectors.index_info(name)
+    latency_ms = {"qdrant": {p: sweep[0][p] for p in ("p50", "p95", "p99") if p in sweep[0]}, "faiss": faiss_latency}
     deduplicated = None
     if exclude_duplicates is not None:
         from .dedup import near_pairs
@@ -143,25 +152,42 @@ def evaluate_collection(session: Session, name: str, *, recall_k: int = 10, reca
         precision={k_: _mean(metrics["precision"][k_]) for k_ in PRECISION_AT},
         map=_mean(metrics["ap"]), nn_accuracy=_mean(metrics["nn"]), per_class=per_class,
         excluded=int((~scored).sum()),
-        recall_k=recall_k, recall=recall, recall_queries=len(sample),
-        latency_ms=_latencies(session, name, index, queries[:latency_queries], k=recall_k),
+        recall_k=recall_k, recall=sweep[0]["recall"], recall_queries=len(sample),
+        latency_ms={e: lat for e, lat in latency_ms.items() if lat},
+        index=info.state, indexed=info.indexed, sweep=sweep,
     )
 
 
-def _latencies(session: Session, name: str, index, queries: np.ndarray, k: int) -> dict[str, dict[str, float]]:
-    """Single-query latency percentiles, one query at a time as a user's `m3d query` would."""
+def _recall(session: Session, name: str, index, sample: np.ndarray, queries: np.ndarray, exact: list[list[str]],
+            k: int, params: SearchSettings) -> float:
+    """Mean recall@k of Qdrant's answers against FAISS's for the same query vectors, self excluded.
+    A hit counts when FAISS has it too or when it ties FAISS's k-th score (float noise between
+    engines reorders equal-scored neighbours; neither answer is wrong then)."""
+    answers = []
+    for lo in range(0, len(queries), CHUNK):
+        answers += session.vectors.search(name, queries[lo:lo + CHUNK], k + 1, params=params)
+    recalls = []
+    for q, (row, q_hits, f_ids) in enumerate(zip(sample, answers, exact)):
+        own = index.ids[row]
+        f_top = [i for i in f_ids if i != own][:k]
+        kth_score = float(index.vectors[index.row(f_top[-1])] @ queries[q])
+        good = [h.id for h in q_hits if h.id != own][:k]
+        recalls.append(sum(1 for pid in good if pid in f_top or (index.row(pid) is not None and
+                           float(index.vectors[index.row(pid)] @ queries[q]) >= kth_score - TIE_EPS)) / k)
+    return float(np.mean(recalls))
+
+
+def _latency(search, queries: np.ndarray) -> dict[str, float]:
+    """Single-query latency percentiles (ms), one query at a time as a user's `m3d query` runs them."""
     import faiss
 
     faiss.omp_set_num_threads(1)
-    timings: dict[str, list[float]] = {"qdrant": [], "faiss": []}
+    timings = []
     for vector in queries:
         start = time.perf_counter()
-        session.vectors.search(name, vector[None], k)
-        timings["qdrant"].append((time.perf_counter() - start) * 1000)
-        start = time.perf_counter()
-        index.search(vector[None], k)
-        timings["faiss"].append((time.perf_counter() - start) * 1000)
-    return {engine: {f"p{p}": float(np.percentile(t, p)) for p in (50, 95, 99)} for engine, t in timings.items() if t}
+        search(vector)
+        timings.append((time.perf_counter() - start) * 1000)
+    return {f"p{p}": float(np.percentile(timings, p)) for p in (50, 95, 99)} if timings else {}
 
 
 def evaluate(session: Session, collections: list[str] | None = None, **kwargs) -> list[CollectionEval]:

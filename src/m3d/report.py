@@ -74,7 +74,14 @@ FIGURES: dict[str, tuple[str, str]] = {  # file -> (heading, how to read it)
         "Qdrant against FAISS: recall and latency",
         "Left: recall@k of Qdrant's answers against the FAISS exact index for the same query vectors "
         "(1.0 = identical neighbour sets). Right: single-query latency percentiles (p50, p95, p99; log "
-        "scale) for both engines, one query at a time as `m3d query` runs them."),
+        "scale) for both engines, one query at a time as `m3d query` runs them. A collection without an "
+        "HNSW graph is searched exactly by Qdrant as well: its recall only shows that both hold the same rows."),
+    "recall_vs_latency.png": (
+        "Qdrant's recall against its latency, per search setting",
+        "One line per collection: each point is one HNSW search setting (hnsw_ef, written beside it) of "
+        "`m3d eval --hnsw-ef 16,32,64,128,256`, at its recall@k against FAISS (up) and its median "
+        "single-query latency (right, log scale); the star is FAISS's exact search of the same collection. "
+        "Up and to the left is better. Dashed lines: collections without an HNSW graph (exact either way)."),
 }
 
 
@@ -544,7 +551,9 @@ def plot_recall_latency(results: list[CollectionEval], path: Path) -> Path:
     y = np.arange(len(results))
     ax_r.barh(y, [r.recall for r in results], 0.6, color="#4c72b0")
     for yi, r in zip(y, results):
-        ax_r.text(0.03, yi, f"{r.recall:.4f}", ha="left", va="center", fontsize=8, color="white")
+        shown = r.shown_recall(r.recall)
+        ax_r.text(0.03, yi, shown if isinstance(shown, str) else f"{shown:.4f}", ha="left", va="center",
+                  fontsize=8, color="white")
     ax_r.set_yticks(y, names, fontsize=8)
     ax_r.set_xlim(0, 1)
     ax_r.set_ylim(len(results) - 0.5, -0.5)
@@ -582,6 +591,50 @@ def plot_recall_latency(results: list[CollectionEval], path: Path) -> Path:
     handles += [Line2D([], [], color="#555555", marker=m, linestyle="none", label=p) for p, m in markers.items()]
     ax_l.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.suptitle("Qdrant against the FAISS exact index", fontsize=11, y=1 - 0.08 / height, va="top")
+    return _save(fig, path)
+
+
+def plot_recall_vs_latency(results: list[CollectionEval], path: Path) -> Path:
+    """The recall-latency curve of an ef sweep, per collection, with FAISS's exact search as a star."""
+    title = FIGURES["recall_vs_latency.png"][0]
+    if not any(len(r.sweep) > 1 for r in results):
+        return _note_figure(path, title, "one search setting only: run m3d eval --hnsw-ef 16,32,64,128,256 --report "
+                                         "DIR to draw recall against latency")
+    fig = _figure(9.0, 5.2)
+    ax = fig.add_axes((0.09, 0.11, 0.60, 0.76))
+    colours = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
+    for i, r in enumerate(results):
+        colour = colours[i % len(colours)]
+        points = [p for p in r.sweep if "p50" in p]
+        xs, ys = [p["p50"] for p in points], [p["recall"] for p in points]
+        label = r.collection + ("" if r.indexed else " (no index)")
+        ax.plot(xs, ys, color=colour, marker="o", markersize=4, linewidth=1.4, label=label,
+                linestyle="-" if r.indexed else "--")
+        for p, x, y in zip(points, xs, ys):
+            ax.annotate(f"{p['hnsw_ef']}" if p["hnsw_ef"] is not None else "default", (x, y), fontsize=7,
+                        xytext=(3, -9), textcoords="offset points", color=colour)
+        faiss = r.latency_ms.get("faiss", {}).get("p50")
+        if faiss is not None:
+            ax.plot([faiss], [1.0], marker="*", markersize=11, color=colour, linestyle="none")
+    ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    low = min(min(p["recall"] for p in r.sweep) for r in results)
+    ax.set_ylim(max(0.0, low - 0.05 * max(1 - low, 0.02)) if low < 1 else 0.95, 1.0 + 0.01 * max(1 - low, 0.5))
+    ax.set_xlabel("median single-query latency, ms (log scale)", fontsize=9)
+    ks = sorted({r.recall_k for r in results})
+    ax.set_ylabel(f"recall@{'/'.join(map(str, ks))} against FAISS", fontsize=9)
+    ax.grid(which="both", alpha=0.25)
+    from matplotlib.lines import Line2D
+
+    handles, _ = ax.get_legend_handles_labels()
+    handles.append(Line2D([], [], marker="*", color="#555555", linestyle="none", markersize=10, label="FAISS (exact)"))
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    fig.suptitle(title, fontsize=11, y=0.97)
     return _save(fig, path)
 
 
@@ -638,6 +691,7 @@ def write_report(session: Session, results: list[CollectionEval], out_dir: Path,
     _tsne_figure(session, best.collection, payloads, out_dir / "tsne.png")
     notes += _activation_figure(fp, rows, payloads, renders, out_dir / "view_activations.png")
     plot_recall_latency(results, out_dir / "recall_latency.png")
+    plot_recall_vs_latency(results, out_dir / "recall_vs_latency.png")
     if renders.problems:
         shown = "; ".join(f"{p}: {why}" for p, why in list(renders.problems.items())[:5])
         more = f" (and {len(renders.problems) - 5} more)" if len(renders.problems) > 5 else ""

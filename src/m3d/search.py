@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .connector import Hit
+from .connector import Hit, SearchSettings
 from .errors import M3DError, MeshError, StoreError, UsageError
 from .meshio import Mesh, load_mesh
 from .orientation import pose
@@ -170,7 +170,8 @@ def query_vector(session: Session, q: Query, fp: Fingerprint, *, checkpoint: Pat
 
 def query(session: Session, mesh_path: Path | None = None, *, image: Path | None = None, text: str | None = None,
           collection: str | None = None, k: int = 5, label: str | None = None, exact: bool = False,
-          up: str | None = None, checkpoint: Path | None = None) -> QueryResult:
+          up: str | None = None, checkpoint: Path | None = None,
+          params: SearchSettings = SearchSettings()) -> QueryResult:
     """up names the query mesh's up axis when it does not follow the collection's rule; checkpoint is
     the directory of a collection's local checkpoint when this store does not remember it."""
     q = Query(mesh=mesh_path, image=image, text=text)
@@ -181,7 +182,7 @@ def query(session: Session, mesh_path: Path | None = None, *, image: Path | None
     vector, views = query_vector(session, q, fp if up is None else replace(fp, view=replace(fp.view, up=up)),
                                  checkpoint=checkpoint)
     if not exact:
-        hits = session.vectors.search(name, vector[None], k, label=label)[0]
+        hits = session.vectors.search(name, vector[None], k, label=label, params=params)[0]
         return QueryResult(name, "qdrant", hits, views, q.kind)
     index = session.exact(name)
     if label is None:
@@ -190,8 +191,7 @@ def query(session: Session, mesh_path: Path | None = None, *, image: Path | None
         hits = [Hit(i, float(s), records.get(i, {})) for i, s in zip(ids[0], scores[0])]
     else:  # exact answer within one class: score every member, keep the best k
         members = [r.id for r in session.vectors.records(name, fields=["class"]) if r.payload.get("class") == label]
-        rows = {pid: row for row, pid in enumerate(index.ids)}
-        member_rows = np.array([rows[m] for m in members if m in rows], dtype=int)
+        member_rows = np.array([index.row(m) for m in members if index.row(m) is not None], dtype=int)
         scores = index.vectors[member_rows] @ vector if len(member_rows) else np.zeros(0)
         top = np.argsort(-scores, kind="stable")[:k]
         chosen = [index.ids[member_rows[t]] for t in top]

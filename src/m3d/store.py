@@ -6,18 +6,24 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .connector import VectorStore, open_store
-from .connector.exact import ExactIndex, ids_digest
+from .connector.exact import ExactIndex, path_of
 from .connector.lock import StoreLock
 from .errors import StoreError, UsageError
 from .schemas import COLLECTION_PREFIX, Fingerprint
 
 log = logging.getLogger("m3d")
+
+#: Rows of a saved FAISS index compared with Qdrant's vectors each time it is opened (a cheap guard
+#: against a writer that bypasses m3d; `m3d check` compares every row).
+SPOT_CHECK = 16
 
 
 def is_unit(vector: np.ndarray | None, tol: float = 1e-3) -> bool:
@@ -35,6 +41,8 @@ class Session:
     store_dir: Path
     vectors: VectorStore
     lock: StoreLock
+    _exact: dict[str, ExactIndex] = field(default_factory=dict)  # in step with this session's writes
+    _written: dict[str, str] = field(default_factory=dict)  # collection -> generation this session wrote last
 
     @property
     def exact_dir(self) -> Path:
@@ -58,52 +66,141 @@ class Session:
             return Fingerprint.from_payload(rec.payload["pipeline"])
         return None
 
-    def _stale_marker(self, name: str) -> Path:
-        return self.store_dir / "faiss" / f"{name}.stale"  # read where it would be, even when faiss/ is damaged
+    # -- FAISS, kept in step with Qdrant ---------------------------------------------------
+    def upsert(self, name: str, ids: list[str], vectors: np.ndarray, payloads: list[dict]) -> None:
+        """Write points to Qdrant and the same rows to the collection's FAISS index."""
+        index = self.exact(name)
+        token = self._advance(name)
+        self.vectors.upsert(name, ids, vectors, payloads)
+        index.upsert(ids, vectors)
+        index.generation = token
 
-    def mark_stale(self, name: str) -> None:
-        """Say, durably and before Qdrant changes, that the FAISS index no longer describes it: a
-        crash between the Qdrant writes and the rebuild then cannot leave old vectors looking current."""
-        marker = self._stale_marker(name)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        with open(marker, "w") as handle:
-            os.fsync(handle.fileno())
+    def delete(self, name: str, ids: list[str]) -> None:
+        """Delete points from Qdrant and their rows from FAISS."""
+        if not ids:
+            return
+        index = self.exact(name)
+        token = self._advance(name)
+        self.vectors.delete(name, ids)
+        index.remove(ids)
+        index.generation = token
+
+    def _advance(self, name: str) -> str:
+        """A new generation, stored in the collection before it changes: from now on no FAISS file,
+        here or on another machine, describes it until one is saved with this token."""
+        token = uuid.uuid4().hex
+        self.vectors.set_generation(name, token)
+        self._written[name] = token
+        return token
+
+    def finish(self, name: str) -> float:
+        """After a sync's writes: build the collection's HNSW graph and quantized vectors where its
+        settings call for them (the embedded engine has no background optimiser), then save FAISS.
+        Returns the seconds the index build took."""
+        start = time.perf_counter()
+        if self.vectors.optimize(name):
+            log.info("indexed %s in %.1f s: %s", name, time.perf_counter() - start, self.vectors.index_info(name).state)
+        seconds = time.perf_counter() - start
+        self.save_exact(name)
+        return seconds
+
+    def save_exact(self, name: str) -> ExactIndex:
+        """Persist the index kept in step by this session's writes. If another writer changed the
+        collection meanwhile (its generation is not the one this session wrote last), the rows
+        kept here miss its changes: rebuild from Qdrant instead."""
+        if name not in self._written:  # nothing written here: check (and if need be rebuild) what is saved
+            return self.exact(name)
+        index = self._exact[name]
+        if self.vectors.generation(name) != self._written[name]:
+            log.warning("collection %s was changed by another writer during this one: FAISS rebuilt from Qdrant", name)
+            return self.rebuild_exact(name)
+        self._save(name, index)
+        return index
 
     def exact(self, name: str) -> ExactIndex:
-        """The FAISS index of a collection, rebuilt from Qdrant first if it is missing or stale."""
+        """The FAISS index of a collection, provably describing what Qdrant holds now: its saved
+        generation is the collection's, its collection and dimension match, its row count matches
+        Qdrant's and sampled rows equal Qdrant's vectors. Otherwise it is rebuilt from Qdrant (one
+        warning line says why), so FAISS never answers from other vectors."""
+        current = self.vectors.generation(name)
+        held = self._exact.get(name)  # loaded or built by this session and kept in step since
+        if held is not None and held.generation == current:
+            return held
         index = ExactIndex.load(self.exact_dir, name)
-        if index is None or self._stale_marker(name).exists() or index.dim != self.vectors.dim(name) \
-                or len(index.ids) != self.vectors.count(name):
-            index = self.refresh_exact(name)
-        return index
+        reason = self._distrust(name, index, current)
+        if reason is None:
+            self._exact[name] = index
+            return index
+        # a missing file is routine (a new collection); anything else means it was out of step
+        (log.info if index is None else log.warning)("FAISS index of %s %s: rebuilt from Qdrant", name, reason)
+        return self.rebuild_exact(name, must_save=False)
 
-    def refresh_exact(self, name: str, known_ids: list[str] | None = None) -> ExactIndex:
-        """Rebuild a collection's FAISS index from what Qdrant holds (skipped when the saved one is not
-        marked stale and already holds exactly known_ids)."""
-        if known_ids is not None and not self._stale_marker(name).exists():
-            saved = ExactIndex.load(self.exact_dir, name)
-            if saved is not None and ids_digest(saved.ids) == ids_digest(known_ids):
-                return saved
-        matrix = np.empty((self.vectors.count(name), self.vectors.dim(name)), np.float32)  # no list + stacked copy
+    def _distrust(self, name: str, index: ExactIndex | None, current: str | None) -> str | None:
+        """Why a saved index may not answer for the collection now, or None when it may."""
+        if index is None:
+            return "is missing or unreadable"
+        if index.collection != self.vectors.physical(name):
+            return f"was made for collection {index.collection or '(unknown)'}"
+        if current is None or index.generation != current:
+            return "describes another generation of the collection (written since, or restored from elsewhere)"
+        if index.dim != self.vectors.dim(name) or len(index) != self.vectors.count(name):
+            return "holds other rows than Qdrant"
+        sample = [index.ids[r] for r in np.linspace(0, len(index) - 1, num=min(SPOT_CHECK, len(index)), dtype=int)]
+        for rec in self.vectors.retrieve(name, sample, vectors=True) if sample else []:
+            if not np.allclose(index.vectors[index.row(rec.id)], rec.vector, atol=1e-5):
+                return "holds other vectors than Qdrant"
+        return None
+
+    def rebuild_exact(self, name: str, *, must_save: bool = True) -> ExactIndex:
+        """Build a collection's FAISS index from every vector Qdrant holds and save it (a command
+        that only reads keeps it in memory when the store cannot be written). The generation is read
+        before the scroll: a write during it advances the token, so the result never passes as
+        current. A collection without one (never written by this m3d) gets its token at its next
+        write; until then a saved index of it is never trusted."""
+        token = self.vectors.generation(name)
+        if token is None and must_save:
+            token = self._advance(name)
+        dim = self.vectors.dim(name)
+        matrix = np.empty((self.vectors.count(name), dim), np.float32)  # no list + stacked copy
         ids = []
         for row, rec in enumerate(self.vectors.records(name, fields=["class"], vectors=True)):
+            if row == len(matrix):  # grew during the scroll: the token has moved, keep what was read
+                matrix = np.concatenate([matrix, np.empty((len(matrix) + 1, dim), np.float32)])
             ids.append(rec.id)
             matrix[row] = rec.vector
-        index = ExactIndex(ids, matrix[: len(ids)])
+        index = ExactIndex(ids, matrix[: len(ids)], collection=self.vectors.physical(name), generation=token)
+        self._exact[name] = index
         try:
-            index.save(self.exact_dir, name)
-            self._stale_marker(name).unlink(missing_ok=True)
-        except OSError as exc:  # a read-only or full store still answers, from the index built in memory
-            log.warning("FAISS index of %s not saved (%s); answering from memory", name, exc.strerror)
+            self._save(name, index)
+        except OSError as exc:
+            if must_save:
+                raise
+            log.warning("FAISS index of %s not saved (%s): it answers from memory for this command", name,
+                        exc.strerror or exc)
         return index
+
+    def _save(self, name: str, index: ExactIndex) -> None:
+        index.save(self.exact_dir, name)
+        log.info("faiss index of %s holds %d points", name, len(index))
+
+    def publish(self, name: str, version: str) -> None:
+        """End a zero-downtime rebuild (after finish(version)): readers of `name` move to the complete
+        `version` at once; its FAISS index, saved under the version's name, moves with it."""
+        self.vectors.publish(name, version)
+        os.replace(path_of(self.exact_dir, version), path_of(self.exact_dir, name))
+        self._exact[name] = self._exact.pop(version)
+        self._written.pop(name, None)
+        if version in self._written:
+            self._written[name] = self._written.pop(version)
 
     def drop(self, name: str) -> None:
         self.vectors.drop_collection(name)
         self.drop_exact(name)
 
     def drop_exact(self, name: str) -> None:
-        ExactIndex.remove(self.exact_dir, name)
-        self._stale_marker(name).unlink(missing_ok=True)
+        ExactIndex.remove_file(self.exact_dir, name)
+        self._exact.pop(name, None)
+        self._written.pop(name, None)
 
     def check(self, repair: bool = False) -> list[dict]:
         """Per collection: Qdrant count, FAISS count, whether they hold the same ids, fingerprints seen,
@@ -139,13 +236,14 @@ class Session:
                 done.append(f"set aside {where}: run `m3d sync` to embed it again")
             return _row(name, problems=list(dict.fromkeys([*problems, str(exc)])), repaired=done, ok=False)
         index = ExactIndex.load(self.store_dir / "faiss", name)
-        in_step = (not self._stale_marker(name).exists() and index is not None
-                   and _same_rows(index, ids, vectors))
+        generation = self.vectors.generation(name)
+        in_step = (index is not None and index.collection == self.vectors.physical(name) and generation is not None
+                   and index.generation == generation and _same_rows(index, ids, vectors))
         if repair and not in_step:
-            index = self.refresh_exact(name)
-            in_step = True
+            index = self.rebuild_exact(name)
+            in_step = _same_rows(index, ids, vectors)
             done.append("rebuilt FAISS")
-        return _row(name, qdrant_points=len(ids), faiss_points=None if index is None else len(index.ids),
+        return _row(name, qdrant_points=len(ids), faiss_points=None if index is None else len(index),
                     in_step=in_step, fingerprints=len(prints), damaged_vectors=damaged, problems=problems,
                     repaired=done, ok=in_step and len(prints) <= 1 and damaged == 0 and not problems)
 
@@ -274,10 +372,9 @@ def _same_dir(a: str, b: str) -> bool:
 
 def _same_rows(index: ExactIndex, ids: list[str], vectors: list[np.ndarray]) -> bool:
     """FAISS holds exactly these ids, each with the same vector as Qdrant."""
-    if ids_digest(index.ids) != ids_digest(ids):
+    if len(index) != len(ids) or any(index.row(pid) is None for pid in ids):
         return False
-    row_of = {pid: row for row, pid in enumerate(index.ids)}
-    return all(np.allclose(index.vectors[row_of[pid]], vec, atol=1e-5) for pid, vec in zip(ids, vectors))
+    return all(np.allclose(index.vectors[index.row(pid)], vec, atol=1e-5) for pid, vec in zip(ids, vectors))
 
 
 def open_session(store_dir: Path, *, url: str | None = None, api_key: str | None = None,

@@ -1,7 +1,10 @@
 """Embedded Qdrant: qdrant-edge (Qdrant's Rust engine in process), one shard directory per collection.
 
-Layout under the root: `<collection>/m3d.json` (dim, written first) and `<collection>/shard/` (the
-engine's segments and WAL). qdrant-edge has no background optimizer, so plain search is exact.
+Layout under the root: `<collection>/m3d.json` (dim, index settings and generation token, written
+first) and `<collection>/shard/` (the engine's segments and WAL); `aliases.json` names the version
+directory (`<collection>--v<N>`) a collection reads from after a zero-downtime rebuild. qdrant-edge has
+no background optimiser: segments stay brute-force searched until `optimize()` builds their HNSW graph
+(m3d calls it at the end of a sync).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 
 from ..errors import StoreBusyError, StoreError, no_space
 from ..schemas import INDEXED_KEYWORDS
-from . import Hit, Record
+from . import VERSION, Hit, IndexInfo, IndexSettings, Record, SearchSettings
 
 PAGE = 1024
 #: Room every write leaves free. The engine grows its files in 32 MB memory-mapped chunks, and a page
@@ -27,6 +30,7 @@ PAGE = 1024
 SPARE_BYTES = 64 << 20
 #: Bytes a point costs on disk beyond its vector (payload, WAL entry, id tracker), generously.
 POINT_OVERHEAD = 4096
+ALIASES = "aliases.json"  # collection name -> the version directory readers use
 T = TypeVar("T")
 
 
@@ -56,15 +60,76 @@ class EdgeStore:
         self.location = f"embedded Qdrant (qdrant-edge) at {self.root.resolve()}"
         self._shards: dict[str, object] = {}
         self._copies: dict[str, Path] = {}  # collection -> private copy opened because the store is read-only
+        self._alias_cache: dict[str, str] | None = None
 
     # -- collections -------------------------------------------------------------------------
     def _meta_path(self, name: str) -> Path:
-        return self.root / name / "m3d.json"
+        return self.root / self.physical(name) / "m3d.json"
+
+    # -- versions and aliases (zero-downtime rebuild) -----------------------------------------
+    def _aliases(self) -> dict[str, str]:
+        """Read once per open store (one process holds it: the store lock), kept current by writes."""
+        if self._alias_cache is None:
+            try:
+                data = json.loads((self.root / ALIASES).read_text())
+            except FileNotFoundError:
+                data = {}
+            except ValueError:
+                raise StoreError(f"{self.root / ALIASES} is damaged (not JSON): restore it or re-sync with "
+                                 "--rebuild") from None
+            self._alias_cache = data if isinstance(data, dict) else {}
+        return dict(self._alias_cache)
+
+    def _write_aliases(self, aliases: dict[str, str]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / (ALIASES + ".tmp")
+        with open(tmp, "w") as handle:
+            handle.write(json.dumps(aliases, sort_keys=True))
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(self.root / ALIASES)
+        self._alias_cache = dict(aliases)
+
+    def physical(self, name: str) -> str:
+        """The directory a collection name reads from now (its alias target, or itself)."""
+        return self._aliases().get(name, name)
+
+    def _physical_names(self) -> set[str]:
+        return {p.parent.name for p in self.root.glob("*/m3d.json")}
 
     def collections(self) -> list[str]:
+        """Names readers use: aliases, and plain collections; versions being built stay hidden."""
         if not self.root.is_dir():
             return []
-        return sorted(p.parent.name for p in self.root.glob("*/m3d.json"))
+        aliases = self._aliases()
+        physical = self._physical_names()
+        targets = set(aliases.values())
+        plain = {p for p in physical if VERSION not in p and p not in aliases}
+        return sorted({a for a, t in aliases.items() if t in physical} | (plain - targets))
+
+    def begin_rebuild(self, name: str) -> str:
+        """A fresh version of a collection to fill while readers keep the current one; versions left
+        by an interrupted rebuild are dropped first."""
+        current = self.physical(name)
+        versions = [p.name for p in self.root.glob(f"{name}{VERSION}*") if p.name != current]
+        for version in versions:
+            self._drop_physical(version)
+        numbers = [int(v.rsplit(VERSION, 1)[1]) for v in [current, *versions] if VERSION in v
+                   and v.rsplit(VERSION, 1)[1].isdigit()]
+        return f"{name}{VERSION}{max(numbers, default=0) + 1}"
+
+    def publish(self, name: str, version: str) -> None:
+        """Point name at a complete version (one atomic file replace), then drop the old one."""
+        old = self.physical(name)
+        self._write_aliases({**self._aliases(), name: version})
+        if old != version:
+            self._drop_physical(old)
+
+    def _drop_physical(self, physical: str) -> None:
+        shard = self._shards.pop(physical, None)
+        if shard is not None:
+            shard.close()
+        shutil.rmtree(self.root / physical, ignore_errors=True)
 
     def dim(self, name: str) -> int:
         """The collection's dimension from m3d.json, checked against the shard's own settings."""
@@ -87,17 +152,15 @@ class EdgeStore:
     def _shard_dim(self, name: str) -> int | None:
         """The dimension the engine itself recorded when it created the shard (None when unreadable)."""
         try:
-            config = json.loads((self.root / name / "shard" / "edge_config.json").read_text())
+            config = json.loads((self.root / self.physical(name) / "shard" / "edge_config.json").read_text())
             return int(config["vectors"][""]["size"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def _write_meta(self, name: str, dim: int) -> None:
-        meta = self._meta_path(name)
-        meta.parent.mkdir(parents=True, exist_ok=True)
-        tmp = meta.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"dim": dim, "distance": "cosine"}))
-        tmp.replace(meta)
+    def _meta(self, name: str) -> dict:
+        """m3d.json, after dim() has checked it (so damage is named the same way everywhere)."""
+        self.dim(name)
+        return json.loads(self._meta_path(name).read_text())
 
     def require_space(self, need: int = 0) -> None:
         """Refuse a write (one line, nothing touched) unless need bytes fit and SPARE_BYTES stay free."""
@@ -109,14 +172,48 @@ class EdgeStore:
         if free < need + SPARE_BYTES:
             raise no_space(self.root.parent, SPARE_BYTES)
 
-    def ensure_collection(self, name: str, dim: int) -> None:
+    def _write_meta(self, name: str, meta: dict) -> None:
+        """Atomically and durably: the generation must be on disk before the shard changes."""
+        path = self._meta_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as handle:
+            handle.write(json.dumps(meta))
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(path)
+
+    def generation(self, name: str) -> str | None:
+        return self._meta(name).get("generation")
+
+    def set_generation(self, name: str, token: str) -> None:
+        self._write_meta(name, {**self._meta(name), "generation": token})
+
+    def ensure_collection(self, name: str, dim: int, settings: IndexSettings = IndexSettings()) -> None:
+        settings.check_backend(server=False)
         if self._meta_path(name).exists():
             if self.dim(name) != dim:
                 raise StoreError(f"collection {name} holds {self.dim(name)}-d vectors, not {dim}-d")
+            differences = settings.differences(self.settings(name))
+            if differences:
+                raise StoreError(f"collection {name} was created with other index settings "
+                                 f"({'; '.join(differences)}); run again with --rebuild to re-create it")
         else:
             self.require_space()
-            self._write_meta(name, dim)
-        self._index_payload(name)  # also brings back indexes lost with a segments/ directory
+            self._write_meta(name, {"dim": dim, "distance": "cosine", "index": settings.resolved().to_dict()})
+        self._index_payload(name)  # before any point; also brings back indexes lost with a segments/ directory
+
+    def settings(self, name: str) -> IndexSettings:
+        return IndexSettings.from_dict(self._meta(name).get("index"))
+
+    def index_info(self, name: str) -> IndexInfo:
+        info = self._run(name, lambda shard: shard.info())
+        return IndexInfo(self.settings(name), int(info.points_count), int(info.indexed_vectors_count))
+
+    def optimize(self, name: str) -> bool:
+        """qdrant-edge has no background optimiser: build the HNSW graph and quantized vectors of every
+        segment past the threshold now (blocking)."""
+        return bool(self._run(name, lambda shard: shard.optimize()))
 
     def _missing_indexes(self, name: str) -> list[str]:
         schema = self._run(name, lambda shard: shard.info().payload_schema)
@@ -150,7 +247,7 @@ class EdgeStore:
             if held is None:
                 raise StoreError(f"collection {name}: neither m3d.json nor the shard's settings can be read: "
                                  "`m3d check --repair` sets it aside") from None
-            self._write_meta(name, held)
+            self._write_meta(name, {"dim": held, "distance": "cosine"})  # index settings: the defaults
             done.append(f"wrote m3d.json again ({held}-d)")
         missing = self._index_payload(name)
         if missing:
@@ -159,39 +256,42 @@ class EdgeStore:
 
     def set_aside(self, name: str, where: Path) -> Path:
         """Move a damaged collection out of the store (kept for inspection): `m3d sync` makes it anew."""
-        shard = self._shards.pop(name, None)
+        physical = self.physical(name)
+        shard = self._shards.pop(physical, None)
         if shard is not None:
             try:
                 shard.close()
             except Exception:  # a damaged shard may fail to close; it is being moved away
                 pass
         where.mkdir(parents=True, exist_ok=True)
-        target = where / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        shutil.move(str(self.root / name), str(target))
+        target = where / f"{physical}-{time.strftime('%Y%m%d-%H%M%S')}"
+        shutil.move(str(self.root / physical), str(target))
         return target
 
     def drop_collection(self, name: str) -> None:
-        shard = self._shards.pop(name, None)
-        if shard is not None:
-            shard.close()
-        shutil.rmtree(self.root / name, ignore_errors=True)
+        aliases = self._aliases()
+        if name in aliases:
+            target = aliases.pop(name)
+            self._write_aliases(aliases)
+            self._drop_physical(target)
+        self._drop_physical(name)
 
     def _shard(self, name: str):
-        shard = self._shards.get(name)
+        physical = self.physical(name)
+        shard = self._shards.get(physical)
         if shard is not None:
             return shard
         q = _engine()
-        path = self.root / name / "shard"
+        path = self.root / physical / "shard"
         dim = self.dim(name)
         try:
             if path.exists() and any(path.iterdir()):
                 shard = q.EdgeShard.load(str(self._openable(name, path)))
             else:
-                config = q.EdgeConfig(vectors=q.EdgeVectorParams(size=dim, distance=q.Distance.Cosine))
-                shard = q.EdgeShard.create(str(path), config)
+                shard = q.EdgeShard.create(str(path), _config(q, dim, self.settings(name)))
         except Exception as exc:  # the engine raises bare Exception
             raise _engine_error(exc, self.root, name) from None
-        self._shards[name] = shard
+        self._shards[physical] = shard
         return shard
 
     def _openable(self, name: str, path: Path) -> Path:
@@ -254,18 +354,21 @@ class EdgeStore:
             if offset is None:
                 return
 
-    def retrieve(self, name: str, ids: list[str]) -> list[Record]:
-        found = self._run(name, lambda shard: shard.retrieve(list(ids), with_payload=True, with_vector=False))
-        by_id = {str(r.id): Record(str(r.id), r.payload or {}) for r in found}
+    def retrieve(self, name: str, ids: list[str], *, vectors: bool = False) -> list[Record]:
+        found = self._run(name, lambda shard: shard.retrieve(list(ids), with_payload=True, with_vector=vectors))
+        by_id = {str(r.id): Record(str(r.id), r.payload or {}, _as_array(r.vector) if vectors else None) for r in found}
         return [by_id[i] for i in ids if i in by_id]
 
-    def search(self, name: str, queries: np.ndarray, k: int, *, label: str | None = None) -> list[list[Hit]]:
+    def search(self, name: str, queries: np.ndarray, k: int, *, label: str | None = None,
+               params: SearchSettings = SearchSettings()) -> list[list[Hit]]:
         q = _engine()
         flt = None
         if label is not None:
             flt = q.Filter(must=[q.FieldCondition(key="class", match=q.MatchValue(label))])
+        search_params = q.SearchParams(hnsw_ef=params.hnsw_ef, quantization=q.QuantizationSearchParams(
+            rescore=params.rescore, oversampling=params.oversampling))
         requests = [
-            q.QueryRequest(limit=k, query=q.Query.Nearest(vec), with_payload=True, filter=flt)
+            q.QueryRequest(limit=k, query=q.Query.Nearest(vec), with_payload=True, filter=flt, params=search_params)
             for vec in np.asarray(queries, dtype=np.float32).tolist()
         ]
         answers = self._run(name, lambda shard: shard.query_batch(q.QueryBatchRequest(requests)))
@@ -321,6 +424,23 @@ def _copy_sparse(src: str, dst: str) -> None:
             offset = end
         fout.truncate(size)
     shutil.copystat(src, dst)
+
+
+def _config(q, dim: int, settings: IndexSettings):
+    """The shard's configuration from m3d's settings (the engine's thresholds are in KB of vectors)."""
+    kb = settings.threshold_kb(dim)
+    quantization = {
+        "none": None,
+        "int8": lambda: q.ScalarQuantizationConfig(type=q.ScalarType.Int8, quantile=0.99, always_ram=True),
+        "binary": lambda: q.BinaryQuantizationConfig(always_ram=True),
+    }[settings.quantization]
+    return q.EdgeConfig(
+        vectors=q.EdgeVectorParams(size=dim, distance=q.Distance.Cosine, on_disk=settings.on_disk),
+        hnsw_config=q.HnswIndexConfig(m=settings.hnsw_m, ef_construct=settings.hnsw_ef_construct,
+                                      full_scan_threshold=kb),
+        quantization_config=quantization() if quantization else None,
+        optimizers=q.EdgeOptimizersConfig(indexing_threshold=kb),
+    )
 
 
 def _as_array(vector) -> np.ndarray:

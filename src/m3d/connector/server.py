@@ -19,12 +19,14 @@ import numpy as np
 
 from ..errors import StoreError, UsageError
 from ..schemas import INDEXED_KEYWORDS
-from . import Hit, Record
+from . import VERSION, Hit, IndexInfo, IndexSettings, Record, SearchSettings
 
 T = TypeVar("T")
 PAGE = 1024
 RETRIES = 3
 BACKOFF_S = 0.5
+GENERATION_KEY = "m3d_generation"
+SETTINGS_KEY = "m3d_index"
 TIMEOUT_S = 10  # connect and read, per call
 
 log = logging.getLogger("m3d")
@@ -101,34 +103,130 @@ class ServerStore:
         return text.replace(self._api_key, "***") if self._api_key else text
 
     # -- collections -------------------------------------------------------------------------
+    def _physical_names(self) -> set[str]:
+        return {c.name for c in self._call("list collections", self.client.get_collections).collections}
+
+    def _aliases(self) -> dict[str, str]:
+        found = self._call("list aliases", self.client.get_aliases).aliases
+        return {a.alias_name: a.collection_name for a in found}
+
     def collections(self) -> list[str]:
-        return sorted(c.name for c in self._call("list collections", self.client.get_collections).collections)
+        """Names readers use: aliases, and plain collections; versions being built stay hidden."""
+        physical, aliases = self._physical_names(), self._aliases()
+        plain = {p for p in physical if VERSION not in p and p not in aliases}
+        return sorted({a for a, t in aliases.items() if t in physical} | (plain - set(aliases.values())))
+
+    def physical(self, name: str) -> str:
+        """The collection a name reads from now (its alias target, or itself)."""
+        return self._aliases().get(name, name)
+
+    def begin_rebuild(self, name: str) -> str:
+        """A fresh version of a collection to fill while readers keep the current one (through the
+        alias); versions left by an interrupted rebuild are dropped first."""
+        current = self.physical(name)
+        versions = [p for p in self._physical_names() if p.startswith(name + VERSION) and p != current]
+        for version in versions:
+            self._call(f"drop collection {version}", lambda version=version: self.client.delete_collection(version))
+        numbers = [int(v.rsplit(VERSION, 1)[1]) for v in [current, *versions] if VERSION in v
+                   and v.rsplit(VERSION, 1)[1].isdigit()]
+        return f"{name}{VERSION}{max(numbers, default=0) + 1}"
+
+    def publish(self, name: str, version: str) -> None:
+        """Move the alias to a complete version in one atomic alias update, then drop the old one. A
+        collection from before aliases (a real collection under the name) must go first: readers then
+        miss it for the moment between the two calls."""
+        from qdrant_client import models
+
+        aliases = self._aliases()
+        old = aliases.get(name, name)
+        operations = []
+        if name in aliases:
+            operations.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=name)))
+        elif name in self._physical_names():
+            self._call(f"drop collection {name}", lambda: self.client.delete_collection(name))
+        operations.append(models.CreateAliasOperation(create_alias=models.CreateAlias(collection_name=version,
+                                                                                       alias_name=name)))
+        self._call(f"move alias {name}", lambda: self.client.update_collection_aliases(
+            change_aliases_operations=operations))
+        if old not in (version, name):
+            self._call(f"drop collection {old}", lambda: self.client.delete_collection(old))
 
     def dim(self, name: str) -> int:
         info = self._call(f"read collection {name}", lambda: self.client.get_collection(name))
         return int(info.config.params.vectors.size)
 
-    def ensure_collection(self, name: str, dim: int) -> None:
+    def ensure_collection(self, name: str, dim: int, settings: IndexSettings = IndexSettings()) -> None:
         from qdrant_client import models
 
-        if name in self.collections():
+        if name in self._physical_names() | set(self._aliases()):
             if self.dim(name) != dim:
                 raise StoreError(f"collection {name} holds {self.dim(name)}-d vectors, not {dim}-d")
+            differences = settings.differences(self.settings(name))
+            if differences:
+                raise StoreError(f"collection {name} was created with other index settings "
+                                 f"({'; '.join(differences)}); run again with --rebuild to re-create it")
             return
+        s = settings.resolved()
+        kb = s.threshold_kb(dim)
+        quantization = {
+            "none": None,
+            "int8": lambda: models.ScalarQuantization(scalar=models.ScalarQuantizationConfig(
+                type=models.ScalarType.INT8, quantile=0.99, always_ram=True)),
+            "binary": lambda: models.BinaryQuantization(binary=models.BinaryQuantizationConfig(always_ram=True)),
+        }[s.quantization]
         self._call(
             f"create collection {name}",
             lambda: self.client.create_collection(
-                name, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE)
+                name,
+                vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE, on_disk=s.on_disk),
+                hnsw_config=models.HnswConfigDiff(m=s.hnsw_m, ef_construct=s.hnsw_ef_construct, full_scan_threshold=kb),
+                optimizers_config=models.OptimizersConfigDiff(indexing_threshold=kb),
+                quantization_config=quantization() if quantization else None,
+                shard_number=s.shards, replication_factor=s.replication_factor,
+                write_consistency_factor=s.write_consistency,
+                metadata={SETTINGS_KEY: s.to_dict()},
             ),
         )
-        for key in INDEXED_KEYWORDS:
+        for key in INDEXED_KEYWORDS:  # before the first point: the HNSW graph then gets its filter links
             self._call(
                 f"index {key} of {name}",
-                lambda key=key: self.client.create_payload_index(name, key, models.PayloadSchemaType.KEYWORD),
+                lambda key=key: self.client.create_payload_index(name, key, models.PayloadSchemaType.KEYWORD, wait=True),
             )
 
+    def settings(self, name: str) -> IndexSettings:
+        return IndexSettings.from_dict(self._metadata(name).get(SETTINGS_KEY))
+
+    def _metadata(self, name: str) -> dict:
+        info = self._call(f"read collection {name}", lambda: self.client.get_collection(name))
+        return info.config.metadata or {}
+
+    def index_info(self, name: str) -> IndexInfo:
+        info = self._call(f"read collection {name}", lambda: self.client.get_collection(name))
+        return IndexInfo(IndexSettings.from_dict((info.config.metadata or {}).get(SETTINGS_KEY)),
+                         int(info.points_count or 0), int(info.indexed_vectors_count or 0))
+
+    def optimize(self, name: str) -> bool:
+        """A server builds its indexes in the background once a segment passes the threshold."""
+        return False
+
+    def generation(self, name: str) -> str | None:
+        return self._metadata(name).get(GENERATION_KEY)
+
+    def set_generation(self, name: str, token: str) -> None:
+        """Collection metadata (Qdrant >= 1.16): every m3d on every machine sees the same token."""
+        self._call(f"update collection {name}",
+                   lambda: self.client.update_collection(name, metadata={GENERATION_KEY: token}))
+
     def drop_collection(self, name: str) -> None:
-        self._call(f"drop collection {name}", lambda: self.client.delete_collection(name))
+        from qdrant_client import models
+
+        aliases = self._aliases()
+        if name in aliases:
+            self._call(f"drop alias {name}", lambda: self.client.update_collection_aliases(change_aliases_operations=[
+                models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=name))]))
+            self._call(f"drop collection {aliases[name]}", lambda: self.client.delete_collection(aliases[name]))
+        if name in self._physical_names():
+            self._call(f"drop collection {name}", lambda: self.client.delete_collection(name))
 
     # -- points ------------------------------------------------------------------------------
     def upsert(self, name: str, ids: list[str], vectors: np.ndarray, payloads: list[dict]) -> None:
@@ -170,19 +268,24 @@ class ServerStore:
             if offset is None:
                 return
 
-    def retrieve(self, name: str, ids: list[str]) -> list[Record]:
-        found = self._call(f"retrieve from {name}", lambda: self.client.retrieve(name, ids=list(ids)))
-        by_id = {str(p.id): Record(str(p.id), p.payload or {}) for p in found}
+    def retrieve(self, name: str, ids: list[str], *, vectors: bool = False) -> list[Record]:
+        found = self._call(f"retrieve from {name}",
+                           lambda: self.client.retrieve(name, ids=list(ids), with_vectors=vectors))
+        by_id = {str(p.id): Record(str(p.id), p.payload or {}, np.asarray(p.vector, np.float32) if vectors else None)
+                 for p in found}
         return [by_id[i] for i in ids if i in by_id]
 
-    def search(self, name: str, queries: np.ndarray, k: int, *, label: str | None = None) -> list[list[Hit]]:
+    def search(self, name: str, queries: np.ndarray, k: int, *, label: str | None = None,
+               params: SearchSettings = SearchSettings()) -> list[list[Hit]]:
         from qdrant_client import models
 
         flt = None
         if label is not None:
             flt = models.Filter(must=[models.FieldCondition(key="class", match=models.MatchValue(value=label))])
+        search_params = models.SearchParams(hnsw_ef=params.hnsw_ef, quantization=models.QuantizationSearchParams(
+            rescore=params.rescore, oversampling=params.oversampling))
         requests = [
-            models.QueryRequest(query=vec, limit=k, filter=flt, with_payload=True)
+            models.QueryRequest(query=vec, limit=k, filter=flt, with_payload=True, params=search_params)
             for vec in np.asarray(queries, np.float32).tolist()
         ]
         answers = self._call(f"search {name}", lambda: self.client.query_batch_points(name, requests=requests))

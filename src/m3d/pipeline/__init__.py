@@ -62,16 +62,13 @@ def sync(
     report = SyncReport(str(root), dataset, sorted(targets), discovered=len(files), engine=options.engine)
     report.skipped = [asdict(s) for s in skips]
 
-    known = prepare_collections(session, targets, options.rebuild)
+    known = prepare_collections(session, targets, options.rebuild, options.index)
     prune = not (classes or split or per_class or limit)
     plan = plan_sync(files, known, targets, options, dataset, prune)
     report.unchanged, report.added, report.updated = plan.unchanged, plan.added, plan.updated
     report.removed = len(plan.remove)
     for name, stamps in plan.restamp.items():
         session.vectors.set_payload(name, stamps)  # next time these files are known by their stamp again
-    if plan.tasks or plan.remove:
-        for name in targets:
-            session.mark_stale(name)  # durably, before Qdrant changes
     log.info("plan: %d to embed (%d new, %d changed), %d unchanged, %d removed", len(plan.tasks), plan.added,
              plan.updated, plan.unchanged, len(plan.remove))
 

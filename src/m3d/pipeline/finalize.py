@@ -33,6 +33,7 @@ class SyncReport:
     workers: int = 0
     engine: str = "local"
     resources: dict = field(default_factory=dict)  # what the engine ran on: cpus, gpus, nodes, workers per stage
+    index_seconds: dict[str, float] = field(default_factory=dict)  # collection -> HNSW/quantization build time
     exit_status: int = EXIT_OK
 
     def summary(self) -> dict:
@@ -72,18 +73,16 @@ class Tally:
 
 
 def finalize(session: Session, plan: Plan, tally: Tally, started: float, elapsed: float) -> SyncReport:
-    """Delete the points of files that are gone or turned unusable, rebuild FAISS where Qdrant
-    changed, and write the report (last, so a crash before it leaves no report of a finished run)."""
+    """Delete the points of files that are gone or turned unusable, build each collection's index,
+    save FAISS (kept in step with every write), and write the report (last, so a crash before it leaves no report of a finished run)."""
     report = tally.report
     tally.tick()
     gone = plan.remove + tally.unusable
     for name in report.collections:
-        session.vectors.delete(name, gone)
+        session.delete(name, gone)
     session.vectors.flush()
-    changed = bool(plan.tasks or plan.remove)
-    for name in report.collections:
-        index = session.refresh_exact(name, known_ids=None if changed else plan.known[name])
-        log.info("faiss index of %s holds %d points", name, len(index.ids))
+    for name in report.collections:  # HNSW where the settings call for it; FAISS (kept in step) saved
+        report.index_seconds[name] = session.finish(name)
     report.seconds = time.perf_counter() - started
     report.objects_per_s = tally.embedded / elapsed if tally.embedded and elapsed > 0 else 0.0
     report.exit_status = EXIT_SKIPPED if report.skipped else EXIT_OK

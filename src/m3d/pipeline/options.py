@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UsageError
+from ..connector import IndexSettings
 from ..meshio import DEFAULT_MAX_FACES
 from ..render import ViewSettings
 
@@ -28,7 +29,8 @@ class SyncOptions:
     device: str | None = None
     precision: str | None = None
     max_faces: int = DEFAULT_MAX_FACES
-    rebuild: bool = False  # drop collections whose fingerprint differs instead of refusing
+    rebuild: bool = False  # replace collections whose fingerprint or index settings differ instead of refusing
+    index: IndexSettings = IndexSettings()  # HNSW, quantization, layout of the collections this sync creates
     engine: str = "local"  # which scheduler runs the stages: local (processes + threads) or ray
     ray_address: str | None = None  # the Ray cluster to join (None: RAY_ADDRESS, else a local Ray)
     verify: bool = False  # hash every file, even those whose size, times and inode are unchanged

@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..connector import IndexSettings
 from ..dataset import MeshFile, content_hash, file_stamp
 from ..errors import StoreError
 from ..render import ViewSettings
@@ -57,7 +58,6 @@ class Plan:
     added: int = 0
     updated: int = 0
     unchanged: int = 0
-    known: dict[str, list[str]] = field(default_factory=dict)  # collection -> ids it held before the run
     restamp: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # collection -> id -> new stamp
 
 
@@ -81,7 +81,8 @@ def group_by_encoder(targets: dict[str, Target]) -> dict[str, tuple[Any, list[Ta
     return grouped
 
 
-def prepare_collections(session: Session, targets: dict[str, Target], rebuild: bool) -> dict[str, dict[str, dict]]:
+def prepare_collections(session: Session, targets: dict[str, Target], rebuild: bool,
+                        index: IndexSettings = IndexSettings()) -> dict[str, dict[str, dict]]:
     """Create missing collections; refuse (or, with rebuild, drop) ones made with other settings.
     Returns what each collection holds: point id -> the payload fields that decide freshness."""
     known: dict[str, dict[str, dict]] = {}
@@ -91,13 +92,15 @@ def prepare_collections(session: Session, targets: dict[str, Target], rebuild: b
         if name in existing:
             stored = session.fingerprint(name)
             dim_differs = session.vectors.dim(name) != encoder.dim
-            if (stored is not None and stored != fp) or dim_differs:
+            index_differs = index.differences(session.vectors.index_info(name).settings)
+            if (stored is not None and stored != fp) or dim_differs or index_differs:
                 if not rebuild:
-                    diff = "; ".join(fp.differences(stored)) if stored else f"dim {session.vectors.dim(name)} -> {encoder.dim}"
+                    diff = "; ".join(fp.differences(stored) if stored and stored != fp else
+                                     index_differs or [f"dim {session.vectors.dim(name)} -> {encoder.dim}"])
                     raise StoreError(f"collection {name} was built with other settings ({diff}); "
                                      "run again with --rebuild to replace it")
                 session.drop(name)
-        session.vectors.ensure_collection(name, encoder.dim)
+        session.vectors.ensure_collection(name, encoder.dim, index)
         known[name] = {}
         for rec in session.vectors.records(name, fields=SYNC_FIELDS, vectors=True):
             if is_unit(rec.vector):
@@ -112,8 +115,7 @@ def plan_sync(files: list[MeshFile], known: dict[str, dict[str, dict]], targets:
               options: SyncOptions, dataset: str, prune: bool) -> Plan:
     """Compare the files with what each collection holds (id -> payload) and list the work: a point
     is fresh when its file's content and its pipeline fingerprint both match."""
-    plan = Plan([], [], RenderSpec(options.view, options.max_faces),
-                known={name: list(records) for name, records in known.items()})
+    plan = Plan([], [], RenderSpec(options.view, options.max_faces))
     present = {f.point_id for f in files}
     hash_cache: dict[str, str] = {}
     for file in files:

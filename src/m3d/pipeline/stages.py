@@ -206,7 +206,7 @@ class Writer(threading.Thread):
         ids, vectors, payloads = self._buffers.pop(name)
         if ids:
             start = time.perf_counter()
-            self.session.vectors.upsert(name, ids, np.concatenate(vectors), payloads)
+            self.session.upsert(name, ids, np.concatenate(vectors), payloads)
             self.stats.write += time.perf_counter() - start
             log.info("upserted %d points into %s", len(ids), name)
 

@@ -1,0 +1,78 @@
+"""m3d end to end on a big tree (not a test): first sync, no-op re-sync, one-file re-sync, eval and a cold
+query, each as its own `m3d` process with its wall time and peak memory (main process and render workers).
+
+    nice python benchmarks/resync.py --data ../shared/datasets/lpsb --factor 30     # 11,400 objects
+
+The tree is `--factor` symlinks per LPSB mesh (distinct paths = distinct objects, the same real meshes);
+the one-file change replaces one link by a copy of another mesh. `--src DIR` runs another checkout's
+source (e.g. main before a change) on the same tree, for a ratio measured under the same load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench import run_mode, scaled_tree  # noqa: E402  (the benchmark's own sampler and tree builder)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--factor", type=int, default=10)
+    parser.add_argument("--encoders", default="hog")
+    parser.add_argument("--pools", default="mean,max,attn")
+    parser.add_argument("--src", type=Path, default=HERE.parent / "src", help="the m3d source to run")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "resync")
+    parser.add_argument("--sync-args", default="", help="extra sync options, e.g. '--index-threshold 0'")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="m3d-resync-"))
+    env = {"PYTHONPATH": str(args.src.resolve()), "HF_HUB_OFFLINE": "1"}
+    try:
+        tree = scaled_tree(args.data.resolve(), args.factor, work)
+        store = work / "store"
+        m3d = [sys.executable, "-m", "m3d.cli"]
+        sync = [*m3d, "sync", str(tree), "--store", str(store), "--encoders", args.encoders, "--pools", args.pools,
+                "--json", *args.sync_args.split()]
+        steps = {"sync": run_mode("sync", sync, None, env, stdout_json=True)}
+        steps["no-op re-sync"] = run_mode("no-op", sync, None, env, stdout_json=True)
+        victim = sorted(tree.rglob("*.off"))[0]
+        other = sorted(tree.rglob("*.off"))[-1]
+        victim.unlink()
+        shutil.copyfile(other.resolve(), victim)
+        steps["one-file re-sync"] = run_mode("one-file", sync, None, env, stdout_json=True)
+        steps["eval"] = run_mode("eval", [*m3d, "eval", "--store", str(store), "--json"], None, env, stdout_json=True)
+        steps["cold query"] = run_mode("query", [*m3d, "query", str(other), "--store", str(store), "--json"], None, env,
+                                       stdout_json=True)
+        store_mb = sum(f.stat().st_size for f in store.rglob("*") if f.is_file()) / 2**20
+        objects = steps["sync"]["result"]["discovered"]
+        rows = [f"objects: {objects:,} ({args.factor} x {args.data.name}), encoders {args.encoders}, pools {args.pools}, "
+                f"source {args.src}, store {store_mb:.0f} MB", "",
+                "| step | wall s | peak main MB | peak workers MB | load before/after |", "|---|---:|---:|---:|---|"]
+        for name, step in steps.items():
+            rows.append(f"| {name} | {step['wall_s']:.1f} | {step['peak_main_mb']:.0f} | {step['peak_workers_mb']:.0f} | "
+                        f"{step['loadavg_before']:.1f} / {step['loadavg_after']:.1f} |")
+        ratio = steps["one-file re-sync"]["wall_s"] / steps["no-op re-sync"]["wall_s"]
+        rows.append(f"\none-file / no-op re-sync: {ratio:.2f}x")
+        tag = f"x{args.factor}-{args.src.resolve().parent.name}"
+        (args.out / f"{tag}.json").write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "result"}
+                                                          for k, v in steps.items()} | {"objects": objects,
+                                                                                        "store_mb": store_mb}, indent=2))
+        (args.out / f"{tag}.md").write_text("\n".join(rows) + "\n")
+        print("\n".join(rows))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        os.sync()
+
+
+if __name__ == "__main__":
+    main()
