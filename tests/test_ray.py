@@ -14,7 +14,7 @@ import pytest
 import ray
 
 from m3d.pipeline import EXIT_SKIPPED, SyncOptions, sync
-from m3d.pipeline.engines.local import CRASHED
+from m3d.pipeline.engines import CRASHED
 from m3d.pipeline.stages import CRASH_ENV
 from m3d.store import open_session
 
@@ -125,3 +125,16 @@ def test_kill_9_of_the_driver_then_the_same_command_converges(ray_cluster, tree,
         report = sync(session, tree, RAY)
     assert 0 < partial and report.unchanged + report.added == 9 and report.unchanged < 9
     _assert_same(_points(store), reference[1])
+
+
+def test_engine_options_are_checked_before_anything_runs(tree, tmp_path):
+    from typer.testing import CliRunner
+
+    from m3d.cli import app
+
+    runner = CliRunner()
+    for args, message in ((["--engine", "spark"], "unknown engine 'spark'; choose from local, ray"),
+                          (["--engine", "ray", "--workers", "0"], "at least one render actor")):
+        result = runner.invoke(app, ["sync", str(tree), "--store", str(tmp_path / "s"), "--encoders", "hog", *args])
+        assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1
+        assert not (tmp_path / "s").exists()  # refused before the store was opened

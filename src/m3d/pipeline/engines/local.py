@@ -10,7 +10,6 @@ each alone on a worker, and a task that kills its worker while alone is skipped 
 
 from __future__ import annotations
 
-import logging
 import multiprocessing
 import os
 import queue
@@ -23,11 +22,7 @@ from typing import Iterator
 from ...errors import M3DError
 from ..plan import RenderSpec, Task
 from ..stages import RenderContext, Rendered, embed, render, write
-from . import Job
-
-log = logging.getLogger("m3d")
-
-CRASHED = "the renderer crashed on this file (worker process died)"
+from . import Job, dispatch, worker_died
 
 
 def auto_workers(encode_on_cpu: bool = False) -> int:
@@ -191,36 +186,18 @@ class _RenderPool:
         queued = deque(tasks)
         suspects: deque[Task] = deque()  # in flight on a worker that died: retried one at a time
         while queued or suspects or any(w.in_flight for w in self.workers):
-            self._dispatch(queued, suspects, window)
+            dispatch(self.workers, queued, suspects, window, 0, _Worker.send)
             wait([w.conn for w in self.workers] + [w.process.sentinel for w in self.workers])
             for i, worker in enumerate(self.workers):
                 yield from worker.receive()
                 if worker.process.is_alive():
                     continue
                 yield from worker.receive()  # whatever it sent before it died
-                crashed = list(worker.in_flight)
-                if worker.isolated and len(crashed) == 1:
-                    yield Rendered(crashed[0], reason=CRASHED)
-                elif crashed:
-                    log.warning("a render worker died; retrying its %d files one at a time", len(crashed))
-                    suspects.extend(crashed)
+                skip = worker_died(worker, list(worker.in_flight), suspects)
+                if skip is not None:
+                    yield skip
                 worker.stop(clean=False)
                 self.workers[i] = _Worker(self.spec)
-
-    def _dispatch(self, queued: deque[Task], suspects: deque[Task], window: int) -> None:
-        """Suspects go alone to idle workers; while some wait, the least busy worker takes no new
-        tasks so it soon is idle. Other tasks go to the least busy workers, `window` in flight in all."""
-        for worker in self.workers:
-            if suspects and not worker.in_flight:
-                worker.isolated = True
-                worker.send(suspects.popleft())
-        open_ = [w for w in self.workers if not w.isolated]
-        if suspects and open_:
-            open_.remove(min(open_, key=lambda w: len(w.in_flight)))  # drains, then takes a suspect
-        total = sum(len(w.in_flight) for w in self.workers)
-        while queued and open_ and total < window:
-            min(open_, key=lambda w: len(w.in_flight)).send(queued.popleft())
-            total += 1
 
     def close(self) -> None:
         clean = not any(w.in_flight for w in self.workers)

@@ -26,8 +26,7 @@ from ...errors import M3DError, UsageError
 from ..options import SyncOptions
 from ..plan import RenderSpec, Task, build_targets, group_by_encoder
 from ..stages import CRASH_ENV, RenderContext, Rendered, embed, render, write
-from . import Job
-from .local import CRASHED
+from . import Job, dispatch, worker_died
 
 log = logging.getLogger("m3d")
 
@@ -173,19 +172,10 @@ class _Scheduler:
         return sum(len(r.in_flight) for r in self.renderers)
 
     def _dispatch(self) -> None:
-        """Suspects alone on idle actors; other tasks to the least busy ones within the window; a
-        batch to the least busy encoder when it is full, or when nothing else is coming."""
-        for r in self.renderers:
-            if self.suspects and not r.in_flight:
-                r.isolated = True
-                self._send(r, self.suspects.popleft())
-        open_ = [r for r in self.renderers if not r.isolated]
-        if self.suspects and open_:
-            open_.remove(min(open_, key=lambda r: len(r.in_flight)))  # drains, then takes a suspect
-        in_flight = self._rendering() + len(self.batch) + sum(len(b) for _, b, _ in self.encoding.values())
-        while self.queued and open_ and in_flight < self.window:
-            self._send(min(open_, key=lambda r: len(r.in_flight)), self.queued.popleft())
-            in_flight += 1
+        """Render tasks within the window (objects waiting for or in an encode batch count); a batch
+        to the least busy encoder when it is full, or when nothing else is coming."""
+        waiting = len(self.batch) + sum(len(b) for _, b, _ in self.encoding.values())
+        dispatch(self.renderers, self.queued, self.suspects, self.window, waiting, self._send)
         full = len(self.batch) * self.spec.view.views >= self.batch_images
         if self.batch and (full or not (self._rendering() or self.queued or self.suspects)):
             self._encode(self.batch, 0)
@@ -229,11 +219,9 @@ class _Scheduler:
                 self._take(self.ray.get(meta, timeout=0), views)
             except (self.ray.exceptions.RayActorError, self.ray.exceptions.GetTimeoutError):
                 crashed.append(task)
-        if r.isolated and len(crashed) == 1:
-            self.job.tally.skipped(Rendered(crashed[0], reason=CRASHED))
-        elif crashed:
-            log.warning("a render actor died; retrying its %d files one at a time", len(crashed))
-            self.suspects.extend(crashed)
+        skip = worker_died(r, crashed, self.suspects)
+        if skip is not None:
+            self.job.tally.skipped(skip)
         self.ray.kill(r.actor)
         r.actor, r.in_flight, r.isolated = self.render_cls.remote(self.spec), deque(), False
 
