@@ -38,7 +38,16 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
 
 
-StoreOpt = Annotated[Path, typer.Option("--store", envvar="M3D_STORE", help="Store directory (embedded Qdrant, FAISS, reports).")]
+def _store_dir(value: str) -> Path:
+    """--store as a Path; an empty one would silently mean the current directory."""
+    if not value.strip():
+        raise typer.BadParameter("an empty path; name the store directory (default .m3d)")
+    return Path(value)
+
+
+# str, so an empty value is seen before Path("") turns it into "."; commands receive the Path
+StoreOpt = Annotated[str, typer.Option("--store", envvar="M3D_STORE", callback=_store_dir,
+                                       help="Store directory (embedded Qdrant, FAISS, reports).")]
 UrlOpt = Annotated[Optional[str], typer.Option("--qdrant-url", envvar="QDRANT_URL", help="Use a Qdrant server instead of the embedded store, e.g. http://localhost:6333.")]
 KeyOpt = Annotated[Optional[str], typer.Option("--qdrant-api-key", envvar="QDRANT_API_KEY", show_default=False, help="API key of the Qdrant server (never printed).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
@@ -50,7 +59,7 @@ RendererOpt = Annotated[str, typer.Option(help="moderngl (EGL; Mesa on CPU, NVID
 UpOpt = Annotated[str, typer.Option(help="Mesh axis that is up: x, y, z, -x, -y, -z.")]
 LayoutOpt = Annotated[str, typer.Option(help="Cameras: ring (horizontal ring at --elevation) or sphere (evenly over the sphere).")]
 AlignOpt = Annotated[str, typer.Option(help="Pose before rendering: none, or pca (principal axes; for arbitrarily rotated data).")]
-DEFAULT_STORE = Path(".m3d")
+DEFAULT_STORE = ".m3d"
 INFO_VIEW_FIELDS = ("layout", "views", "elevation", "up", "align", "size", "renderer")
 
 
@@ -86,7 +95,12 @@ def _session(store: Path, url: str | None, api_key: str | None, *, create: bool 
 
 
 def _csv(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+    """Comma-separated values, CSV-quoted where a name holds a comma: --classes '"Chair, wooden",Table'."""
+    if not value:
+        return None
+    import csv
+
+    return [v.strip() for v in next(csv.reader([value], skipinitialspace=True), []) if v.strip()]
 
 
 def _ints(option: str, value: str | None) -> list[int] | None:
@@ -134,7 +148,7 @@ def sync(
     up: UpOpt = "y",
     layout: LayoutOpt = "ring",
     align: AlignOpt = "none",
-    classes: Annotated[Optional[str], typer.Option(help="Only these classes (comma-separated).")] = None,
+    classes: Annotated[Optional[str], typer.Option(help='Only these classes (comma-separated; quote a name with a comma: \'"a, b",c\').')] = None,
     split: Annotated[Optional[str], typer.Option(help="Only this split (train/test).")] = None,
     per_class: Annotated[Optional[int], typer.Option(min=1, help="First N files per class, by name.")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="At most N files in all.")] = None,
@@ -186,7 +200,6 @@ def sync(
         engine=engine, ray_address=ray_address if engine == "ray" else None,
         index=index,
     )
-    _check_options(options)
     with _session(store, qdrant_url, qdrant_api_key, create=True) as session, _progress(as_json) as progress:
         report = run_sync(session, root, options, classes=_csv(classes), split=split, per_class=per_class,
                           limit=limit, dataset=dataset, progress=progress)
@@ -213,20 +226,6 @@ def sync(
             _print(f"  {name}: index {state}" + (f", built in {built:.1f} s" if built >= 0.05 else ""))
         _print(f"collections: {', '.join(s.collections)}\nstore: {location}\nreport: {report_path}")
     raise typer.Exit(report.exit_status)
-
-
-def _check_options(options) -> None:
-    """Names a user can mistype, checked before the store is opened or anything is loaded."""
-    from .encoders import PRECISIONS
-    from .pooling import POOLS
-
-    unknown = [p for p in options.pools if p not in POOLS]
-    if unknown or not options.pools:
-        raise UsageError(f"unknown pool(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(POOLS)}")
-    if not options.encoders:
-        raise UsageError("no encoder given: --encoders clip,dinov2,hog or a checkpoint id/directory")
-    if options.precision is not None and options.precision not in PRECISIONS:
-        raise UsageError(f"unknown precision {options.precision!r}; choose from {', '.join(PRECISIONS)}")
 
 
 class _progress:
@@ -263,7 +262,7 @@ def query(
     mesh: Annotated[Optional[Path], typer.Argument(help="A mesh file (.off .obj .ply .stl .glb); or use --image / --text")] = None,
     image: Annotated[Optional[Path], typer.Option(help="Search with a picture (photo, sketch, render): encoded as one view.")] = None,
     text: Annotated[Optional[str], typer.Option(help="Search with a sentence through the encoder's text tower (CLIP collections).")] = None,
-    k: Annotated[int, typer.Option("--k", min=1, help="How many neighbours.")] = 5,
+    k: Annotated[int, typer.Option("--k", min=1, max=1_000_000, help="How many neighbours.")] = 5,
     collection: Annotated[Optional[str], typer.Option(help="Collection to search (default: the first *_mean one that can answer this kind of query).")] = None,
     label: Annotated[Optional[str], typer.Option("--class", help="Only neighbours of this class (payload filter).")] = None,
     exact: Annotated[bool, typer.Option(help="Answer from the FAISS exact index instead of Qdrant.")] = False,

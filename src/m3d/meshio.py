@@ -413,8 +413,17 @@ def _triangulate(
 # everything else
 
 
+#: OBJ indices start at 1: a face that names vertex 0 is invalid (trimesh would quietly wrap it).
+_OBJ_INDEX_ZERO = re.compile(rb"^f[ \t](?:[^\n]*[ \t])?0(?:/[^ \t\r\n]*)?[ \t\r]*(?:$|[ \t])", re.MULTILINE)
+
+
 def _precheck_face_count(p: Path, suffix: str, size: int, max_faces: int) -> None:
-    """Refuse an over-limit STL/PLY from its header, before trimesh reads the whole file."""
+    """Refuse from what the header claims, before trimesh reads the whole file: an over-limit STL/PLY,
+    a binary STL or PLY whose counts the file cannot hold (truncated, or lying), an OBJ index 0."""
+    if suffix == ".obj":
+        if _OBJ_INDEX_ZERO.search(p.read_bytes()):
+            raise MeshError("face index 0: OBJ vertex indices start at 1")
+        return
     if suffix not in (".stl", ".ply"):
         return
     with open(p, "rb") as fh:
@@ -424,9 +433,15 @@ def _precheck_face_count(p: Path, suffix: str, size: int, max_faces: int) -> Non
         count = int(np.frombuffer(head[80:84], dtype="<u4")[0])
         if size == 84 + 50 * count:  # binary STL whose size agrees with its face count
             n_faces = count
+        elif not (head.lstrip().startswith(b"solid") and b"facet" in head):  # binary, not ASCII
+            raise MeshError(f"binary STL header says {count} faces but the file holds {(size - 84) / 50:g} "
+                            "(truncated, or the count is wrong)")
     elif suffix == ".ply":
         m = re.search(rb"^element[ \t]+face[ \t]+(\d+)", head, re.MULTILINE)
         n_faces = int(m.group(1)) if m else None
+        v = re.search(rb"^element[ \t]+vertex[ \t]+(\d+)", head, re.MULTILINE)
+        if v and int(v.group(1)) * 6 > size:  # even ASCII "0 0 0\n" takes 6 bytes a vertex
+            raise MeshError(f"PLY header declares {int(v.group(1))} vertices, more than a {size}-byte file holds")
     if n_faces is not None and n_faces > max_faces:
         raise MeshError(f"{n_faces} faces exceed the limit max_faces={max_faces}")
 

@@ -7,9 +7,10 @@ host. Input (objects, views, dim) float; output (objects, dim) float32, L2-norma
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:  # torch is imported where pooling runs, so naming the pools (option checks) stays instant
+    import torch
 
 
 def mean_pool(views: torch.Tensor) -> torch.Tensor:
@@ -23,6 +24,8 @@ def max_pool(views: torch.Tensor) -> torch.Tensor:
 def attention_pool(views: torch.Tensor) -> torch.Tensor:
     """Softmax attention over views with the mean view as the query (no learned weights, so
     deterministic): views that agree with the consensus shape weigh more than odd angles."""
+    import torch
+
     query = views.mean(dim=1, keepdim=True)  # (objects, 1, dim)
     scores = (views * query).sum(dim=-1) / math.sqrt(views.shape[-1])  # (objects, views)
     weights = torch.softmax(scores, dim=1).unsqueeze(-1)
@@ -38,5 +41,7 @@ POOLS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 def pool(name: str, views: torch.Tensor) -> torch.Tensor:
     """Pool (objects, views, dim) with the named pool and L2-normalise, in float32."""
+    import torch
+
     pooled = POOLS[name](views.float())
     return torch.nn.functional.normalize(pooled, dim=-1)

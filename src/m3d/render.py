@@ -69,11 +69,11 @@ class ViewSettings:
 
     def __post_init__(self) -> None:
         if int(self.views) != self.views or self.views < 1:
-            raise M3DError(f"views must be a positive integer, got {self.views!r}")
+            raise UsageError(f"views must be a positive integer, got {self.views!r}")
         if not -90.0 <= float(self.elevation) <= 90.0:
-            raise M3DError(f"elevation must be within [-90, 90] degrees, got {self.elevation!r}")
+            raise UsageError(f"elevation must be within [-90, 90] degrees, got {self.elevation!r}")
         if int(self.size) != self.size or not 8 <= self.size <= 8192:
-            raise M3DError(f"image size must be an integer in [8, 8192], got {self.size!r}")
+            raise UsageError(f"image size must be an integer in [8, 8192], got {self.size!r}")
         for name, value, choices in (("renderer", self.renderer, RENDERERS), ("up", self.up, UP_CHOICES),
                                      ("layout", self.layout, LAYOUTS), ("align", self.align, ALIGNS)):
             if value not in choices:

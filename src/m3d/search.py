@@ -179,6 +179,11 @@ def query(session: Session, mesh_path: Path | None = None, *, image: Path | None
     fp = session.fingerprint(name)
     if fp is None:
         raise StoreError(f"collection {name} is empty")
+    if label is not None:  # an unknown class is a typo, not "no neighbours"
+        classes = session.vectors.facet(name, "class")
+        if label not in classes:
+            near = sorted(classes, key=lambda c: (c.lower() != label.lower(), c))[:5]
+            raise UsageError(f"no class {label!r} in {name}; classes include: {', '.join(near)}")
     vector, views = query_vector(session, q, fp if up is None else replace(fp, view=replace(fp.view, up=up)),
                                  checkpoint=checkpoint)
     if not exact:

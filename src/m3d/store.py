@@ -43,6 +43,7 @@ class Session:
     lock: StoreLock
     _exact: dict[str, ExactIndex] = field(default_factory=dict)  # in step with this session's writes
     _written: dict[str, str] = field(default_factory=dict)  # collection -> generation this session wrote last
+    created: bool = False  # this session made the directory: a refused command leaves none behind
 
     @property
     def exact_dir(self) -> Path:
@@ -335,6 +336,9 @@ class Session:
             self.vectors.close()
         finally:
             self.lock.__exit__(None, None, None)
+            if self.created and [p.name for p in self.store_dir.iterdir()] == ["lock"]:
+                self.lock.path.unlink()
+                self.store_dir.rmdir()
 
     def __enter__(self) -> "Session":
         return self
@@ -388,10 +392,11 @@ def open_session(store_dir: Path, *, url: str | None = None, api_key: str | None
         raise UsageError(f"--store {store_dir} is a file, not a store directory")
     if not create and url is None and not any((store_dir / part).is_dir() for part in ("qdrant", "faiss", "reports")):
         raise StoreError(f"no store at {store_dir}: run `m3d sync DIR --store {store_dir}` first, or pass --store")
+    created = not store_dir.exists()
     lock = StoreLock(store_dir, write=create or url is not None).__enter__()  # server mode: local FAISS
     try:
         vectors = open_store(store_dir, url=url, api_key=api_key, write=create)
     except BaseException:
         lock.__exit__(None, None, None)
         raise
-    return Session(store_dir, vectors, lock)
+    return Session(store_dir, vectors, lock, created=created)

@@ -49,12 +49,12 @@ def sync(
     explicit = dataset is not None
     root, dataset = dataset_identity(root, dataset)
     files, skips = discover(root, classes=classes, split=split, per_class=per_class, limit=limit, dataset=dataset)
+    encoders = [load_encoder(spec, device=options.device, precision=options.precision,
+                             batch_size=options.batch_size) for spec in options.encoders]
     session.vectors.require_space()  # before the first write: a full disk is one line, never a SIGBUS
     moved_from = session.claim_root(dataset, root, explicit=explicit)
     if moved_from:
         log.warning("dataset %s moved: %s -> %s", dataset, moved_from, root)
-    encoders = [load_encoder(spec, device=options.device, precision=options.precision,
-                             batch_size=options.batch_size) for spec in options.encoders]
     for encoder in encoders:
         if encoder.checkpoint:  # a local directory: its place stays on this machine, never in a payload
             session.remember_checkpoint(encoder.model_id, encoder.checkpoint)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ..errors import UsageError
@@ -36,6 +37,25 @@ class SyncOptions:
     verify: bool = False  # hash every file, even those whose size, times and inode are unchanged
 
     def __post_init__(self) -> None:
+        """Every value checked here, before a store is opened or a model loaded: the library refuses
+        bad options itself (UsageError, one line) instead of a KeyError after an empty collection."""
+        from ..encoders.device import PRECISIONS
+        from ..pooling import POOLS
+
+        unknown = [p for p in self.pools if p not in POOLS]
+        if unknown or not self.pools:
+            raise UsageError(f"unknown pool(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+                             f"choose from {', '.join(POOLS)}")
+        if not self.encoders or not all(isinstance(e, str) and e.strip() for e in self.encoders):
+            raise UsageError("no encoder given: --encoders clip,dinov2,hog or a checkpoint id/directory")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise UsageError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
+        if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
+            raise UsageError(f"unknown device {self.device!r}; use cpu, cuda or cuda:N")
+        for name in ("batch_size", "max_faces"):
+            value = getattr(self, name)
+            if value is not None and (int(value) != value or value < 1):
+                raise UsageError(f"{name} must be a positive integer, got {value!r}")
         if self.engine not in ENGINES:
             raise UsageError(f"unknown engine {self.engine!r}; choose from {', '.join(ENGINES)}")
         if self.ray_address is not None and self.engine != "ray":
