@@ -66,10 +66,6 @@ class Group:
     def classes(self) -> list[str]:
         return sorted({m.label for m in self.members})
 
-    @property
-    def splits(self) -> list[str]:
-        return sorted({str(m.split) for m in self.members})
-
 
 @dataclass
 class DedupResult:
