@@ -138,3 +138,22 @@ def test_engine_options_are_checked_before_anything_runs(tree, tmp_path):
         result = runner.invoke(app, ["sync", str(tree), "--store", str(tmp_path / "s"), "--encoders", "hog", *args])
         assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1
         assert not (tmp_path / "s").exists()  # refused before the store was opened
+
+
+def test_neural_checkpoints_give_the_same_vectors_on_ray(ray_cluster, tree, ckpts, tmp_path):
+    """Tiny random CLIP and DINOv2 checkpoints loaded by the encode actor from their directories: the
+    same collections and vectors as the local engine, whatever the batches held."""
+    neural = dict(encoders=(str(ckpts["clip"]), str(ckpts["dinov2"])), pools=("mean",), precision="fp32",
+                  batch_size=24)
+    stores = {}
+    for engine, workers in (("local", 0), ("ray", 2)):
+        stores[engine] = tmp_path / engine
+        with open_session(stores[engine]) as session:
+            sync(session, tree, SyncOptions(**neural, workers=workers, engine=engine))
+    want, got = _points(stores["local"]), _points(stores["ray"])
+    assert got.keys() == want.keys() and len(want) == 2
+    for name in want:
+        assert got[name].keys() == want[name].keys() and len(want[name]) == 9
+        for pid, (payload, vector) in want[name].items():
+            assert got[name][pid][0] == payload
+            np.testing.assert_allclose(got[name][pid][1], vector, atol=1e-6)
