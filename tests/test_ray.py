@@ -1,7 +1,8 @@
-"""The Ray engine on a real local Ray (2 CPUs, one start for the module): the same points as the local
-engine, the same skips, nothing rendered on an unchanged re-sync, a file that kills its render actor
-skipped alone while the others on that actor are retried, and kill -9 of the driver then the same
-command converging to the uninterrupted result."""
+"""The engines against each other. The Ray engine on a real local Ray (2 CPUs, one start for the module):
+the same points as the local engine (hog and neural checkpoints), the same skips, nothing embedded on an
+unchanged re-sync, a file that kills its render actor skipped alone while the others on that actor are
+retried, and kill -9 of the driver then the same command converging to the uninterrupted result. The
+local engine on the same poisonous file, and with render workers that cannot start."""
 
 import logging
 import os
@@ -157,3 +158,15 @@ def test_neural_checkpoints_give_the_same_vectors_on_ray(ray_cluster, tree, ckpt
         for pid, (payload, vector) in want[name].items():
             assert got[name][pid][0] == payload
             np.testing.assert_allclose(got[name][pid][1], vector, atol=1e-6)
+
+
+def test_a_render_worker_that_cannot_start_stops_the_local_sync_in_one_line(tree, tmp_path, monkeypatch):
+    """No usable EGL in the render processes (here: libglvnd pointed at no vendor): one error naming
+    the cause, not every file skipped as crashed, and nothing stored."""
+    from m3d.errors import M3DError
+
+    monkeypatch.setenv("__EGL_VENDOR_LIBRARY_FILENAMES", str(tmp_path / "no-vendor.json"))
+    with open_session(tmp_path / "store") as session:
+        with pytest.raises(M3DError, match=r"render worker could not start: .*EGL"):
+            sync(session, tree, SyncOptions(**ARGS, workers=2))
+        assert all(session.vectors.count(name) == 0 for name in session.collections())
