@@ -62,18 +62,19 @@ def sync(
     report = SyncReport(str(root), dataset, sorted(targets), discovered=len(files), engine=options.engine)
     report.skipped = [asdict(s) for s in skips]
 
-    known = prepare_collections(session, targets, options.rebuild, options.index)
+    known, versions = prepare_collections(session, targets, options.rebuild, options.index)
     prune = not (classes or split or per_class or limit)
     plan = plan_sync(files, known, targets, options, dataset, prune)
+    plan.versions = versions
     report.unchanged, report.added, report.updated = plan.unchanged, plan.added, plan.updated
     report.removed = len(plan.remove)
     for name, stamps in plan.restamp.items():
-        session.vectors.set_payload(name, stamps)  # next time these files are known by their stamp again
+        session.vectors.set_payload(plan.versions.get(name, name), stamps)  # next time these files are known by their stamp again
     log.info("plan: %d to embed (%d new, %d changed), %d unchanged, %d removed", len(plan.tasks), plan.added,
              plan.updated, plan.unchanged, len(plan.remove))
 
     tally = Tally(plan, report, progress)
-    writer = Writer(session, report.stages)
+    writer = Writer(session, report.stages, routes=plan.versions)
     writer.start()
     run_started = time.perf_counter()
     try:

@@ -74,15 +74,19 @@ class Tally:
 
 def finalize(session: Session, plan: Plan, tally: Tally, started: float, elapsed: float) -> SyncReport:
     """Delete the points of files that are gone or turned unusable, build each collection's index,
-    save FAISS (kept in step with every write), and write the report (last, so a crash before it leaves no report of a finished run)."""
+    save FAISS (kept in step with every write), publish rebuilt versions, and write the report (last, so a crash before it leaves no report of a finished run)."""
     report = tally.report
     tally.tick()
     gone = plan.remove + tally.unusable
     for name in report.collections:
-        session.delete(name, gone)
+        session.delete(plan.versions.get(name, name), gone)
     session.vectors.flush()
     for name in report.collections:  # HNSW where the settings call for it; FAISS (kept in step) saved
-        report.index_seconds[name] = session.finish(name)
+        where = plan.versions.get(name, name)
+        report.index_seconds[name] = session.finish(where)
+        if where != name:  # a rebuild is complete: readers move to it at once
+            session.publish(name, where)
+            log.info("%s now reads from %s", name, where)
     report.seconds = time.perf_counter() - started
     report.objects_per_s = tally.embedded / elapsed if tally.embedded and elapsed > 0 else 0.0
     report.exit_status = EXIT_SKIPPED if report.skipped else EXIT_OK

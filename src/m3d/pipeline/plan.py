@@ -59,6 +59,7 @@ class Plan:
     updated: int = 0
     unchanged: int = 0
     restamp: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # collection -> id -> new stamp
+    versions: dict[str, str] = field(default_factory=dict)  # collection -> new version written in its place
 
 
 def build_targets(encoders: list, options: SyncOptions) -> dict[str, Target]:
@@ -82,10 +83,13 @@ def group_by_encoder(targets: dict[str, Target]) -> dict[str, tuple[Any, list[Ta
 
 
 def prepare_collections(session: Session, targets: dict[str, Target], rebuild: bool,
-                        index: IndexSettings = IndexSettings()) -> dict[str, dict[str, dict]]:
-    """Create missing collections; refuse (or, with rebuild, drop) ones made with other settings.
-    Returns what each collection holds: point id -> the payload fields that decide freshness."""
+                        index: IndexSettings = IndexSettings()) -> tuple[dict[str, dict[str, dict]], dict[str, str]]:
+    """Create missing collections; refuse ones made with other settings, or with rebuild start a new
+    version of each (readers keep the complete old one until finalize publishes the new one).
+    Returns what each collection (or its new version) holds: point id -> the payload fields that
+    decide freshness; and collection -> the version being built in its place."""
     known: dict[str, dict[str, dict]] = {}
+    versions: dict[str, str] = {}
     existing = set(session.collections())
     for name, target in targets.items():
         encoder, fp = target.encoder, target.fingerprint
@@ -99,16 +103,19 @@ def prepare_collections(session: Session, targets: dict[str, Target], rebuild: b
                                      index_differs or [f"dim {session.vectors.dim(name)} -> {encoder.dim}"])
                     raise StoreError(f"collection {name} was built with other settings ({diff}); "
                                      "run again with --rebuild to replace it")
-                session.drop(name)
-        session.vectors.ensure_collection(name, encoder.dim, index)
+                versions[name] = session.vectors.begin_rebuild(name)
+                log.info("rebuilding %s as %s; readers keep the current one until it is complete", name,
+                         versions[name])
+        where = versions.get(name, name)
+        session.vectors.ensure_collection(where, encoder.dim, index)
         known[name] = {}
-        for rec in session.vectors.records(name, fields=SYNC_FIELDS, vectors=True):
+        for rec in session.vectors.records(where, fields=SYNC_FIELDS, vectors=True):  # streamed, page by page
             if is_unit(rec.vector):
                 known[name][rec.id] = rec.payload
             else:  # every stored vector is unit length; anything else is damage: embed it again
                 log.warning("%s: point %s (%s) has a damaged vector; it will be embedded again",
                             name, rec.id, rec.payload.get("path"))
-    return known
+    return known, versions
 
 
 def plan_sync(files: list[MeshFile], known: dict[str, dict[str, dict]], targets: dict[str, Target],

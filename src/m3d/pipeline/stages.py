@@ -169,10 +169,12 @@ class Writer(threading.Thread):
     """One thread that batches upserts per collection (no one-at-a-time upserts, no multiprocessing
     upload), so encoding never waits on the store and the store sees few, large writes."""
 
-    def __init__(self, session: Session, stats: StageStats):
+    def __init__(self, session: Session, stats: StageStats, routes: dict[str, str] | None = None):
+        """routes: collection -> the new version its rows go to while a rebuild fills it."""
         super().__init__(name="m3d-writer", daemon=True)
         self.session = session
         self.stats = stats
+        self.routes = routes or {}
         self.inbox: queue.Queue = queue.Queue(maxsize=64)
         self.error: BaseException | None = None
         self._buffers: dict[str, tuple[list, list, list]] = {}
@@ -206,7 +208,7 @@ class Writer(threading.Thread):
         ids, vectors, payloads = self._buffers.pop(name)
         if ids:
             start = time.perf_counter()
-            self.session.upsert(name, ids, np.concatenate(vectors), payloads)
+            self.session.upsert(self.routes.get(name, name), ids, np.concatenate(vectors), payloads)
             self.stats.write += time.perf_counter() - start
             log.info("upserted %d points into %s", len(ids), name)
 
