@@ -113,3 +113,23 @@ def test_read_only_store_answers_read_commands(lpsb, tmp_path, mount):
     refused = runner.invoke(app, ["sync", str(tree), *SYNC, "--store", str(store)])
     assert refused.exit_code == 1 and refused.stderr.count("\n") == 1 and "cannot be written" in refused.stderr
     assert not (store / "lock").exists()
+
+
+def test_a_write_failing_in_the_last_flush_stops_the_sync_instead_of_hanging(tmp_path):
+    """A full disk found by the writer's final flush (after the producer said it was done) must reach
+    the caller as an error: the writer used to wait for a second end-of-input that never came."""
+    import numpy as np
+
+    from m3d.errors import StoreError
+    from m3d.pipeline.stages import Points, StageStats, Writer
+    from m3d.store import open_session
+
+    with open_session(tmp_path / "store") as session:
+        writer = Writer(session, StageStats())
+        vector = np.ones((1, 4), np.float32) / 2
+        writer.inbox.put(Points("m3d_missing_mean", ["6f1d8a52-3c1e-5b7a-9a7e-2f4c0d9e8b11"], vector, [{}]))
+        writer.inbox.put(None)  # what finish() sends: the producer is done
+        writer.start()  # both queued before it runs: the write happens in the last flush
+        writer.join(timeout=30)
+        assert not writer.is_alive(), "the writer hung after a failed last flush"
+        assert isinstance(writer.error, StoreError)

@@ -185,10 +185,12 @@ class Writer(threading.Thread):
         self.inbox.put(points)
 
     def run(self) -> None:
+        stopped = False  # the producer's None was taken: nothing more will come to drain
         try:
             while True:
                 item = self.inbox.get()
                 if item is None:
+                    stopped = True
                     break
                 buf = self._buffers.setdefault(item.collection, ([], [], []))
                 buf[0].extend(item.ids)
@@ -201,7 +203,7 @@ class Writer(threading.Thread):
                 self._flush(name)
         except BaseException as exc:  # handed to the main thread, which stops the sync
             self.error = exc
-            while self.inbox.get() is not None:  # drain so the producer never blocks forever
+            while not stopped and self.inbox.get() is not None:  # drain so the producer never blocks
                 pass
 
     def _flush(self, name: str) -> None:
