@@ -139,3 +139,21 @@ def test_eval_excluding_duplicates_ranks_without_each_querys_copies(planted) -> 
     assert d["pairs"] == 4 and d["threshold"] == DEFAULT_THRESHOLD
     row = both.row()
     assert row["dup_pairs"] == 4 and "dedup_p@5" in row and "dedup_map" in row
+
+
+def test_report_draws_hostile_names_as_typed(lpsb, tmp_path) -> None:
+    """Class and file names are data on the report's pictures: `$\\bogus$` (mathtext that cannot parse)
+    is drawn as typed, and the page escapes `<b>` instead of a traceback or markup."""
+    tree = tmp_path / "tree"
+    for folder, names in {"$\\bogus$": ("a$x^2$.off", "b.off"), "<b>x</b>": ("[bold]c.off", "d.off")}.items():
+        (tree / folder).mkdir(parents=True)
+        for name in names:
+            shutil.copyfile(lpsb / "Cup" / "21.off", tree / folder / name)
+    with open_session(tmp_path / "store") as session:
+        sync(session, tree, HOG)
+    out = CliRunner().invoke(app, ["dedup", "--report", str(tmp_path / "rep"), "--store", str(tmp_path / "store")])
+    assert out.exit_code == 0, out.output
+    assert "$\\bogus$" in out.output  # the console table shows the name, not markup
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert "&lt;b&gt;x&lt;/b&gt;/[bold]c.off" in page and "<b>x</b>" not in page
+    assert (tmp_path / "rep" / "group_001.png").is_file()  # the four copies, one exact group

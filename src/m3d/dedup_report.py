@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from .dedup import DedupResult, Group
-from .report import _CSS, _SCRIPT, QUERY, WRONG, Renders, _draw_tiles, _figure, _save, _short, _table, _Tile
+from .report import (_CSS, _SCRIPT, QUERY, WRONG, Renders, _draw_tiles, _figure, _save, _short, _table, _text_is_data,
+                     _Tile)
 from .store import Session
 
 MAX_GROUPS = 40  # groups drawn as pictures (every group is in the tables and the CSV/JSON)
@@ -68,6 +69,7 @@ def plot_group(group: Group, renders: Renders, path: Path, title: str) -> Path:
     return _draw_tiles(rows, path, title)
 
 
+@_text_is_data
 def write_dedup_report(session: Session, result: DedupResult, out_dir: Path) -> Path:
     """index.html with the histogram, contamination per class and every group; returns its path."""
     out_dir = Path(out_dir)
