@@ -34,3 +34,54 @@ def test_a_class_with_one_member_is_excluded_from_every_metric(lpsb, tmp_path):
         assert result.map == pytest.approx(float(m["ap"][keep].mean()))
         # p@5 over 6 neighbours of which at most 2 share the class: never above 0.4 when scored right
         assert result.precision[5] <= 0.4 + 1e-9
+
+
+def test_random_rotations_are_proper_and_yaw_keeps_the_up_axis():
+    from m3d.evaluate import random_rotation
+    from m3d.orientation import AXIS_ROTATIONS
+
+    rng = np.random.default_rng(1)
+    for up, stored in AXIS_ROTATIONS.items():
+        turn = random_rotation(rng, "yaw", stored)
+        axis = stored.T @ np.array([0.0, 1.0, 0.0])  # the file axis the stored pose turned up
+        assert np.allclose(turn @ axis, axis) and np.isclose(np.linalg.det(turn), 1.0), up
+        assert not np.allclose(turn, np.eye(3))
+        anyway = random_rotation(rng, "any", stored)
+        assert np.allclose(anyway @ anyway.T, np.eye(3)) and np.isclose(np.linalg.det(anyway), 1.0)
+        assert not np.allclose(anyway @ axis, axis)
+
+
+def test_eval_rotate_reports_rotated_beside_unrotated(lpsb, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from m3d.cli import app
+    from m3d.evaluate import rotation_robustness, score_queries
+
+    tree = make_tree(lpsb, tmp_path / "meshes", {"Chair": 3, "Cup": 3, "Table": 3})
+    store = tmp_path / "store"
+    options = SyncOptions(encoders=("hog",), pools=("mean", "max"), workers=0,
+                          view=ViewSettings(views=4, size=96, up="y"))
+    with open_session(store) as session:
+        sync(session, tree, options)
+        results = rotation_robustness(session, ["m3d_hog_mean", "m3d_hog_max"], objects=5, seed=3, rotation="any")
+        assert [r.queries for r in results] == [5, 5] and all(r.missing == 0 for r in results)
+        mean = results[0]
+        # the unrotated figures are the stored vectors' own, for the same five objects
+        index = session.exact("m3d_hog_mean")
+        labels = {r.id: r.payload["class"] for r in session.vectors.records("m3d_hog_mean")}
+        lab = np.array([labels[i] for i in index.ids])
+        rows = np.sort(np.random.default_rng(3).choice(len(index.ids), 5, replace=False))
+        sims = index.vectors[rows] @ index.vectors.T
+        sims[np.arange(5), rows] = -np.inf
+        m = score_queries(sims, lab[rows], lab)
+        assert mean.unrotated["p@5"] == pytest.approx(float(np.mean(m["precision"][5])))
+        assert mean.unrotated["map"] == pytest.approx(float(np.mean(m["ap"])))
+        assert mean.rotated != mean.unrotated  # a turned chair is not the stored picture
+    out = CliRunner().invoke(app, ["eval", "--store", str(store), "--rotate", "4", "--rotation", "yaw", "--json"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.stdout)
+    assert {r["rotation"] for r in data["rotation"]} == {"yaw"} and data["rotation"][0]["queries"] == 4
+    bad = CliRunner().invoke(app, ["eval", "--store", str(store), "--rotate", "4", "--rotation", "spin"])
+    assert bad.exit_code == 2 and "spin" in bad.output and len(bad.output.strip().splitlines()) == 1

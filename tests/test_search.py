@@ -80,9 +80,10 @@ def test_image_rendered_from_a_stored_mesh_finds_that_mesh_first(synced, tmp_pat
     tree, store = synced
     with open_session(store) as session:
         fp = session.fingerprint("m3d_hog_mean")
+        poses = {r.payload["path"]: r.payload["pose"] for r in session.vectors.records("m3d_hog_mean")}
         for mesh in sorted(tree.rglob("*.off")):
             rel = mesh.relative_to(tree).as_posix()
-            for v, view in enumerate(render_views(mesh, fp)):
+            for v, view in enumerate(render_views(mesh, fp, poses[rel])):  # posed as it was stored
                 photo = tmp_path / f"view{v}.png"
                 Image.fromarray(view).save(photo)
                 result = query(session, image=photo, collection="m3d_hog_mean", k=3, exact=True)
@@ -102,8 +103,10 @@ def test_an_image_is_encoded_exactly_as_a_render_by_every_encoder(lpsb, ckpts, t
         sync(session, tree, options)
         for name in ("m3d_hog_mean", CLIP):
             fp = session.fingerprint(name)
+            poses = {r.payload["path"]: r.payload["pose"] for r in session.vectors.records(name)}
             for mesh in sorted(tree.rglob("*.off")):
-                Image.fromarray(render_views(mesh, fp)[0]).save(tmp_path / "photo.png")
+                stored = poses[mesh.relative_to(tree).as_posix()]  # posed as it was stored
+                Image.fromarray(render_views(mesh, fp, stored)[0]).save(tmp_path / "photo.png")
                 hit = query(session, image=tmp_path / "photo.png", collection=name, k=1, exact=True).hits[0]
                 assert hit.payload["path"] == mesh.relative_to(tree).as_posix()
                 assert hit.score == pytest.approx(1.0, abs=1e-5)

@@ -19,7 +19,7 @@ from m3d.store import open_session
 from helpers import make_tree
 
 CLASSES = {"Airplane": 3, "Chair": 3, "Cup": 3}
-HOG = SyncOptions(encoders=("hog",), workers=0)
+HOG = SyncOptions(encoders=("hog",), workers=0, view=ViewSettings(up="y"))  # orientation: test_orientation.py
 
 
 @pytest.fixture
@@ -50,6 +50,7 @@ def test_sync_query_eval_and_incremental(tree, tmp_path):
         assert payload["pipeline"] == {"encoder": "hog", "model_id": payload["pipeline"]["model_id"], "pool": "mean",
                                        "views": 8, "elevation": 20.0, "resolution": 224, "renderer": "moderngl",
                                        "up": "y", "layout": "ring", "align": "none"}
+        assert payload["pose"] == {"up": "y", "source": "given", "rotation": [[1, 0, 0], [0, 1, 0], [0, 0, 1]]}
         assert payload["faces"] > 1000 and len(payload["content_hash"]) == 32
 
         # a stored mesh finds itself first, from Qdrant and from FAISS, and the class filter holds

@@ -64,7 +64,7 @@ def test_axis_rotations_are_proper_and_undo_the_conventions():
 def test_converted_mesh_with_its_up_renders_like_the_original(chair, renderer):
     """A y-up chair written z-up or x-up, rendered with --up z / --up x: the original's pixels; with the
     wrong up it is a different picture (the check discriminates)."""
-    base = ViewSettings(views=4, size=96, renderer=renderer)
+    base = ViewSettings(views=4, size=96, renderer=renderer, up="y")  # fixed +y: the mesh's own frame
     original = _render(chair, base)
     for conversion, up in ((Y_TO_Z, "z"), (Y_TO_X, "x")):
         converted = _turned(chair, conversion)
@@ -165,6 +165,8 @@ def test_a_store_written_before_view_settings_keeps_working(lpsb, tmp_path):
         again = sync(session, tree, hog)
         assert (again.added, again.updated, again.unchanged) == (0, 0, 4)  # not re-embedded
         assert all("up" not in r.payload["pipeline"] for r in session.vectors.records("m3d_hog_mean"))
+        with pytest.raises(Exception, match=r"up: 'y' -> 'auto'.*--rebuild"):  # today's default: named, refused
+            sync(session, tree, SyncOptions(encoders=("hog",), pools=("mean",), workers=0))
         with pytest.raises(Exception, match=r"layout: 'ring' -> 'sphere'.*--rebuild"):
             sync(session, tree, SyncOptions(encoders=("hog",), pools=("mean",), workers=0,
                                             view=ViewSettings(up="y", layout="sphere")))
@@ -175,3 +177,49 @@ def test_a_store_written_before_view_settings_keeps_working(lpsb, tmp_path):
         assert (fp.view.layout, fp.view.views) == ("sphere", 6)
         stored = next(iter(session.vectors.records("m3d_hog_mean"))).payload
         assert stored["pose"]["up"] == "y" and np.allclose(stored["pose"]["rotation"], np.eye(3))
+
+
+def _write_off(path, vertices, faces):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("OFF\n%d %d 0\n" % (len(vertices), len(faces))
+                    + "".join("%g %g %g\n" % tuple(v) for v in vertices)
+                    + "".join("3 %d %d %d\n" % tuple(f) for f in faces))
+
+
+def _box(thickness: float, height: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """A 1 x height x thickness plate standing in the x-y plane (its face towards +z)."""
+    x, y, z = np.meshgrid([-0.5, 0.5], [-height / 2, height / 2], [-thickness / 2, thickness / 2], indexing="ij")
+    v = np.stack([x.ravel(), y.ravel(), z.ravel()], axis=1)
+    faces = [[0, 1, 3], [0, 3, 2], [4, 6, 7], [4, 7, 5], [0, 4, 5], [0, 5, 1], [2, 3, 7], [2, 7, 6],
+             [0, 2, 6], [0, 6, 4], [1, 5, 7], [1, 7, 3]]
+    return v, np.array(faces)
+
+
+def test_views_that_do_not_show_the_object_are_left_out_not_the_object(tmp_path):
+    """A sign seen edge-on by 2 of 8 level cameras: kept, pooled over the 6 views that show it (a
+    plate 0 or 0.008 thick, blank or a one-pixel line: the same rule); a plate lying flat under
+    level cameras is seen by none and is the only thing skipped."""
+    from m3d.encoders import load_encoder
+    from m3d.pooling import pool
+    from m3d.render import MIN_COVERAGE, coverage
+
+    root = tmp_path / "signs"
+    square = np.array([[-0.5, -0.5, 0], [0.5, -0.5, 0], [0.5, 0.5, 0], [-0.5, 0.5, 0]])
+    two = np.array([[0, 1, 2], [0, 2, 3]])
+    _write_off(root / "Sign" / "flat.off", square, two)
+    _write_off(root / "Sign" / "thin.off", *_box(0.008, 0.3))
+    _write_off(root / "Lying" / "floor.off", square[:, [0, 2, 1]], two)  # in the x-z plane: edge-on to all
+    view = ViewSettings(views=8, elevation=0.0, up="y")
+    with open_session(tmp_path / "store") as session:
+        report = sync(session, root, SyncOptions(encoders=("hog",), pools=("mean",), workers=0, view=view))
+        assert [s["rel_path"] for s in report.skipped] == ["Lying/floor.off"]
+        assert "no view shows the object" in report.skipped[0]["reason"]
+        stored = {r.payload["path"]: r for r in session.vectors.records("m3d_hog_mean", vectors=True)}
+        assert {p: r.payload["views_shown"] for p, r in stored.items()} == {"Sign/flat.off": 6, "Sign/thin.off": 6}
+        thin = load_mesh(root / "Sign" / "thin.off")
+        views = _render(thin, view)
+        cov = coverage(views)
+        assert 0 < cov[2] < MIN_COVERAGE and 0 < cov[6] < MIN_COVERAGE  # a line of pixels, not blank
+        keep = np.array([i not in (2, 6) for i in range(8)])
+        expected = pool("mean", load_encoder("hog").encode(views[keep])[None]).cpu().numpy()[0]
+        assert np.allclose(stored["Sign/thin.off"].vector, expected, atol=1e-5)

@@ -56,7 +56,7 @@ ViewsOpt = Annotated[int, typer.Option(min=1, help="Cameras (ring: around the up
 ElevationOpt = Annotated[float, typer.Option(help="Ring camera elevation in degrees.")]
 SizeOpt = Annotated[int, typer.Option(min=16, help="Render size in pixels (square).")]
 RendererOpt = Annotated[str, typer.Option(help="moderngl (EGL; Mesa on CPU, NVIDIA on GPU) or raycast (Open3D, no GL).")]
-UpOpt = Annotated[str, typer.Option(help="Mesh axis that is up: x, y, z, -x, -y, -z.")]
+UpOpt = Annotated[str, typer.Option(help="Mesh axis that is up: x, y, z, -x, -y, -z, or auto (decided from each object and its dataset).")]
 LayoutOpt = Annotated[str, typer.Option(help="Cameras: ring (horizontal ring at --elevation) or sphere (evenly over the sphere).")]
 AlignOpt = Annotated[str, typer.Option(help="Pose before rendering: none, or pca (principal axes; for arbitrarily rotated data).")]
 DEFAULT_STORE = ".m3d"
@@ -145,7 +145,7 @@ def sync(
     elevation: ElevationOpt = 20.0,
     size: SizeOpt = 224,
     renderer: RendererOpt = "moderngl",
-    up: UpOpt = "y",
+    up: UpOpt = "auto",
     layout: LayoutOpt = "ring",
     align: AlignOpt = "none",
     classes: Annotated[Optional[str], typer.Option(help='Only these classes (comma-separated; quote a name with a comma: \'"a, b",c\').')] = None,
@@ -217,6 +217,10 @@ def sync(
             r = s.resources
             _print(f"engine: {s.engine} on {r['cpus']} CPUs, {r['gpus']} GPUs ({r['render_workers']} render, "
                    f"{r['encode_workers']} encode workers)")
+        if s.orientation:
+            o = s.orientation
+            _print(f"up (auto): dataset majority {o['majority']} (prior {o['prior'][o['majority']]:.2f} over "
+                   f"{o['objects']} objects); {o['against_majority']} objects turned against it on their own evidence")
         for skip in s.skipped[:10]:
             _print(f"  skipped {skip['rel_path']}: {skip['reason']}")
         if len(s.skipped) > 10:
@@ -320,6 +324,9 @@ def eval_(
     report: Annotated[Optional[Path], typer.Option(help="Also write figures and index.html to this folder.")] = None,
     queries: Annotated[Optional[str], typer.Option(help="With --report: relative paths of the gallery queries (comma-separated).")] = None,
     exclude_duplicates: Annotated[Optional[float], typer.Option(help="Also report the figures with each query's near duplicates (cosine >= this) removed from its candidates (see m3d dedup).")] = None,
+    rotate: Annotated[Optional[int], typer.Option(min=1, help="Also re-embed N stored objects after a random rotation and query each against its collection.")] = None,
+    rotation_seed: Annotated[int, typer.Option(help="Seed of the objects and rotations chosen by --rotate.")] = 0,
+    rotation: Annotated[str, typer.Option(help="With --rotate: yaw (about the up axis) or any (uniform 3D rotation).")] = "yaw",
     store: StoreOpt = DEFAULT_STORE,
     qdrant_url: UrlOpt = None,
     qdrant_api_key: KeyOpt = None,
@@ -344,14 +351,27 @@ def eval_(
         if not results:
             raise M3DError("no collection with two or more objects to evaluate: run `m3d sync DIR` first")
         files = write_results(results, out or store / "eval")
+        rotated = []
+        if rotate is not None:
+            from .evaluate import rotation_robustness
+
+            rotated = rotation_robustness(session, [r.collection for r in results], objects=rotate,
+                                          seed=rotation_seed, rotation=rotation)
+            path = (out or store / "eval") / f"rotation_{rotation}.json"
+            path.write_text(json.dumps([asdict(r) for r in rotated], indent=2))
+            files.append(path)
         if report is not None:
             from .report import write_report
 
             files.append(write_report(session, results, report, queries=_csv(queries)))
     if as_json:
-        typer.echo(json.dumps([asdict(r) for r in results], indent=2))
+        data = [asdict(r) for r in results]
+        typer.echo(json.dumps({"collections": data, "rotation": [asdict(r) for r in rotated]} if rotate else data,
+                              indent=2))
         return
     _print(_table("retrieval quality (self excluded)", [r.row() for r in results]))
+    if rotated:
+        _print(_table(f"under a random {rotation} rotation (seed {rotation_seed})", [r.row() for r in rotated]))
     for path in files:
         _print(f"wrote {path}")
 
@@ -465,7 +485,7 @@ def render(
     elevation: ElevationOpt = 20.0,
     size: SizeOpt = 224,
     renderer: RendererOpt = "moderngl",
-    up: UpOpt = "y",
+    up: UpOpt = "auto",
     layout: LayoutOpt = "ring",
     align: AlignOpt = "none",
 ):

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .connector import SearchSettings
+from .errors import UsageError
 from .store import Session
 
 PRECISION_AT = (5, 10)
@@ -76,30 +77,36 @@ def ranking_metrics(vectors: np.ndarray, labels: np.ndarray, ks=PRECISION_AT, *,
     exclude_above: candidates scoring at or above it against the query (its near duplicates) are
     removed from that query's ranking, as its own point is."""
     n = len(vectors)
-    max_k = min(max(ks), n - 1)
-    precision = {k: np.zeros(n) for k in ks}
-    ap = np.full(n, np.nan)
-    nn = np.zeros(n)
+    parts = []
     for lo in range(0, n, CHUNK):
         hi = min(n, lo + CHUNK)
         sims = vectors[lo:hi] @ vectors.T
         sims[np.arange(hi - lo), np.arange(lo, hi)] = -np.inf  # never your own neighbour
         if exclude_above is not None:
             sims[sims >= exclude_above] = -np.inf
-        order = np.argsort(-sims, axis=1, kind="stable")[:, : n - 1]
-        relevant = labels[order] == labels[lo:hi, None]
-        if exclude_above is not None:  # removed candidates rank last: they must count as nothing
-            relevant &= np.take_along_axis(sims, order, axis=1) > -np.inf
-        totals = relevant.sum(axis=1)
-        lone = totals == 0
-        for k in ks:
-            precision[k][lo:hi] = relevant[:, : min(k, max_k)].mean(axis=1) if max_k else np.nan
-            precision[k][lo:hi][lone] = np.nan
-        nn[lo:hi] = np.where(lone, np.nan, relevant[:, 0]) if n > 1 else np.nan
-        hits = np.cumsum(relevant, axis=1)
-        ranks = np.arange(1, n)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ap[lo:hi] = (relevant * hits / ranks).sum(axis=1) / totals
+        parts.append(score_queries(sims, labels[lo:hi], labels, ks))
+    return {"precision": {k: np.concatenate([p["precision"][k] for p in parts]) for k in ks},
+            **{key: np.concatenate([p[key] for p in parts]) for key in ("ap", "nn", "scored")}}
+
+
+def score_queries(sims: np.ndarray, query_labels: np.ndarray, labels: np.ndarray, ks=PRECISION_AT) -> dict:
+    """precision@k, AP and NN hit per query row of sims (queries x collection), where each query's own
+    point is already -inf; NaN (and scored False) for a query with no other member of its class."""
+    n = sims.shape[1]
+    max_k = min(max(ks), n - 1)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, : n - 1]
+    # candidates removed from a ranking (-inf: near duplicates) rank last and must count as nothing
+    relevant = (labels[order] == query_labels[:, None]) & (np.take_along_axis(sims, order, axis=1) > -np.inf)
+    totals = relevant.sum(axis=1)
+    lone = totals == 0
+    precision = {}
+    for k in ks:
+        p = relevant[:, : min(k, max_k)].mean(axis=1) if max_k else np.full(len(sims), np.nan)
+        precision[k] = np.where(lone, np.nan, p)
+    nn = np.where(lone, np.nan, relevant[:, 0]) if n > 1 else np.full(len(sims), np.nan)
+    hits = np.cumsum(relevant, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ap = (relevant * hits / np.arange(1, n)).sum(axis=1) / totals
     return {"precision": precision, "ap": ap, "nn": nn, "scored": np.isfinite(ap)}
 
 
@@ -219,3 +226,97 @@ def write_results(results: list[CollectionEval], out_dir: Path) -> list[Path]:
     full = out_dir / "eval.json"
     full.write_text(json.dumps([asdict(r) for r in results], indent=2))
     return [summary, per_class, full]
+
+
+# -- rotation robustness ----------------------------------------------------------------------
+ROTATIONS = ("yaw", "any")
+
+
+@dataclass
+class RotationEval:
+    """p@5 / NN / mAP of stored objects queried again after a random rotation, beside the same
+    objects' unrotated figures (each query's own point excluded in both)."""
+
+    collection: str
+    rotation: str  # "yaw" (about the object's up axis) or "any" (uniform over 3D rotations)
+    seed: int
+    queries: int  # objects rotated, re-embedded and scored
+    excluded: int  # of those, alone in their class (left out of the figures)
+    missing: int  # sources not on this machine (not queried)
+    rotated: dict[str, float]
+    unrotated: dict[str, float]
+
+    def row(self) -> dict:
+        return {"collection": self.collection, "rotation": self.rotation, "queries": self.queries,
+                **{f"{k} rotated": round(v, 4) for k, v in self.rotated.items()},
+                **{f"{k} unrotated": round(v, 4) for k, v in self.unrotated.items()},
+                "excluded": self.excluded, "missing": self.missing}
+
+
+def random_rotation(rng: np.random.Generator, kind: str, pose_rotation: np.ndarray) -> np.ndarray:
+    """A proper rotation in the file's frame: a turn about the axis the object's stored pose put up
+    (yaw), or uniform over all rotations (any: QR of a Gaussian matrix with the sign fixed)."""
+    if kind == "yaw":
+        a = rng.uniform(0.0, 2 * np.pi)
+        c, s = np.cos(a), np.sin(a)
+        yaw = np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
+        return pose_rotation.T @ yaw @ pose_rotation
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    return q if np.linalg.det(q) > 0 else -q
+
+
+def rotation_robustness(session: Session, names: list[str], *, objects: int, seed: int = 0,
+                        rotation: str = "yaw") -> list[RotationEval]:
+    """Re-embed `objects` stored objects (the same ones in every collection, chosen by seed) after a
+    random rotation, with each collection's own settings, and query each against its collection."""
+    from .meshio import load_mesh
+    from .orientation import pose, stored_consensus
+    from .pooling import pool
+    from .render import create_renderer, posed
+    from .search import collection_encoder
+
+    if rotation not in ROTATIONS:
+        raise UsageError(f"unknown rotation {rotation!r}; choose one of: {', '.join(ROTATIONS)}")
+    if objects < 1:
+        raise UsageError(f"--rotate needs a positive number of objects, got {objects}")
+
+    out, encoders = [], {}
+    for name in names:
+        fp = session.fingerprint(name)
+        index = session.exact(name)
+        payloads = {r.id: r.payload for r in session.vectors.records(name, fields=["class", "path", "dataset", "pose"])}
+        labels = np.array([str(payloads[i].get("class")) for i in index.ids])
+        dataset = stored_consensus([p.get("pose") for p in payloads.values()]) if fp.view.up == "auto" else None
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.choice(len(index.ids), size=min(objects, len(index.ids)), replace=False))
+        if fp.encoder not in encoders:
+            encoders[fp.encoder] = collection_encoder(session, fp)
+        encoder = encoders[fp.encoder]
+        renderer = create_renderer(fp.view)
+        queried, vectors, missing = [], [], 0
+        try:
+            for row in rows:
+                payload = payloads[index.ids[row]]
+                path = session.source_path(payload)
+                if path is None or not path.is_file():
+                    missing += 1
+                    continue
+                stored = np.asarray((payload.get("pose") or {}).get("rotation", np.eye(3)), dtype=np.float64)
+                turned = posed(load_mesh(path), random_rotation(rng, rotation, stored))
+                views = renderer.render(posed(turned, pose(turned, fp.view, dataset).rotation))
+                vectors.append(pool(fp.pool, encoder.encode(views)[None]).cpu().numpy()[0])
+                queried.append(row)
+        finally:
+            renderer.close()
+        rows = np.array(queried, dtype=int)
+        figures = {}
+        for kind, query_vectors in (("rotated", np.array(vectors).reshape(len(rows), -1)), ("unrotated", index.vectors[rows])):
+            sims = query_vectors @ index.vectors.T
+            sims[np.arange(len(rows)), rows] = -np.inf  # never its own stored point
+            m = score_queries(sims, labels[rows], labels)
+            figures[kind] = {"p@5": _mean(m["precision"][5]), "nn": _mean(m["nn"]), "map": _mean(m["ap"])}
+            excluded = int((~m["scored"]).sum())
+        out.append(RotationEval(name, rotation, seed, len(rows), excluded, missing, figures["rotated"],
+                                figures["unrotated"]))
+    return out

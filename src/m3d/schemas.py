@@ -19,7 +19,7 @@ INDEXED_KEYWORDS = ("class", "split", "dataset")
 STAMP_FIELDS = ("file_size", "mtime_ns", "ctime_ns", "inode")
 
 #: Payload keys the incremental sync reads back to decide what changed.
-SYNC_FIELDS = ["path", "dataset", "content_hash", *STAMP_FIELDS, "pipeline"]
+SYNC_FIELDS = ["path", "dataset", "content_hash", *STAMP_FIELDS, "pipeline", "pose"]
 
 
 #: Payload key of each ViewSettings field inside a point's "pipeline" (resolution = size: the old name).
@@ -86,6 +86,7 @@ def object_payload(
     faces: int,
     fingerprint: Fingerprint,
     pose: dict | None,
+    views_shown: int,
 ) -> dict:
     """The payload stored with every point: what users filter and audit by."""
     return {
@@ -99,5 +100,6 @@ def object_payload(
         "faces": faces,
         "pipeline": fingerprint.to_payload(),
         "pose": pose,  # the rotation applied before rendering (orientation.Pose)
+        "views_shown": views_shown,  # views that showed the object: the ones pooled into the vector
         "m3d_version": __version__,
     }

@@ -20,7 +20,7 @@ import numpy as np
 from .connector import Hit, SearchSettings
 from .errors import M3DError, MeshError, StoreError, UsageError
 from .meshio import Mesh, load_mesh
-from .orientation import pose
+from .orientation import Consensus, pose, stored_consensus
 from .render import BACKGROUND, create_renderer, posed
 from .schemas import Fingerprint
 from .store import Session
@@ -70,16 +70,27 @@ def load_named(mesh_path: Path) -> Mesh:
         raise MeshError(f"{mesh_path}: {exc}") from None
 
 
-def render_views(mesh_path: Path, fp: Fingerprint, stored_pose: dict | None = None) -> np.ndarray:
+def render_views(mesh_path: Path, fp: Fingerprint, stored_pose: dict | None = None,
+                 dataset: Consensus | None = None) -> np.ndarray:
     """A mesh rendered exactly as the collection's objects were: with the rotation a stored object
-    recorded (stored_pose), or, for a new mesh, the pose the collection's settings give it."""
-    mesh = load_named(mesh_path)
-    rotation = np.asarray(stored_pose["rotation"]) if stored_pose else pose(mesh, fp.view).rotation
+    recorded (stored_pose), or, for a new mesh, the pose the collection's rule gives it (with --up
+    auto: its own evidence under the collection's consensus, `dataset`)."""
+    return render_mesh(load_named(mesh_path), fp, stored_pose, dataset)
+
+
+def render_mesh(mesh: Mesh, fp: Fingerprint, stored_pose: dict | None = None,
+                dataset: Consensus | None = None) -> np.ndarray:
+    rotation = np.asarray(stored_pose["rotation"]) if stored_pose else pose(mesh, fp.view, dataset).rotation
     renderer = create_renderer(fp.view)
     try:
         return renderer.render(posed(mesh, rotation))
     finally:
         renderer.close()
+
+
+def collection_consensus(session: Session, name: str) -> Consensus | None:
+    """The up-axis consensus of a collection's objects (auto collections keep each object's evidence)."""
+    return stored_consensus([rec.payload.get("pose") for rec in session.vectors.records(name, fields=["pose"])])
 
 
 def image_view(image_path: Path, size: int) -> np.ndarray:
@@ -150,14 +161,15 @@ def choose_collection(session: Session, collection: str | None, kind: str = "mes
 
 
 def query_vector(session: Session, q: Query, fp: Fingerprint, *, checkpoint: Path | None = None,
-                 device: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """The unit query vector in the collection's space, and the views it came from (None for text)."""
+                 device: str | None = None, dataset: Consensus | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The unit query vector in the collection's space, and the views it came from (None for text);
+    a mesh is posed by the collection's rule (`dataset`: its up-axis consensus, for --up auto)."""
     import torch
 
     from .pooling import pool
 
     if q.kind == "mesh":
-        views = render_views(q.mesh, fp)  # before loading the encoder: a bad mesh fails fast
+        views = render_views(q.mesh, fp, dataset=dataset)  # before loading the encoder: a bad mesh fails fast
     elif q.kind == "image":
         views = image_view(q.image, fp.view.size)
     encoder = collection_encoder(session, fp, checkpoint=checkpoint, device=device)
@@ -184,8 +196,9 @@ def query(session: Session, mesh_path: Path | None = None, *, image: Path | None
         if label not in classes:
             near = sorted(classes, key=lambda c: (c.lower() != label.lower(), c))[:5]
             raise UsageError(f"no class {label!r} in {name}; classes include: {', '.join(near)}")
-    vector, views = query_vector(session, q, fp if up is None else replace(fp, view=replace(fp.view, up=up)),
-                                 checkpoint=checkpoint)
+    view = fp.view if up is None else replace(fp.view, up=up)
+    dataset = collection_consensus(session, name) if q.kind == "mesh" and view.up == "auto" else None
+    vector, views = query_vector(session, q, replace(fp, view=view), checkpoint=checkpoint, dataset=dataset)
     if not exact:
         hits = session.vectors.search(name, vector[None], k, label=label, params=params)[0]
         return QueryResult(name, "qdrant", hits, views, q.kind)

@@ -12,6 +12,7 @@ collections), stages (render / embed / write), finalize (tally, FAISS, report), 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,7 +22,7 @@ from ..store import Session
 from .engines import Job, engine
 from .finalize import Progress, SyncReport, Tally, finalize
 from .options import DEFAULT_ENCODERS, DEFAULT_POOLS, EXIT_OK, EXIT_SKIPPED, SyncOptions
-from .plan import build_targets, group_by_encoder, plan_sync, prepare_collections
+from .plan import build_targets, group_by_encoder, plan_orientation, plan_sync, prepare_collections
 from .stages import StageStats, Writer
 
 __all__ = ["DEFAULT_ENCODERS", "DEFAULT_POOLS", "EXIT_OK", "EXIT_SKIPPED", "Progress", "StageStats",
@@ -66,6 +67,9 @@ def sync(
     prune = not (classes or split or per_class or limit)
     plan = plan_sync(files, known, targets, options, dataset, prune)
     plan.versions = versions
+    # the evidence pass runs before any engine: no GL, no encoder, so it may use every core
+    plan_orientation(plan, files, known, targets, (os.cpu_count() or 1) if options.workers is None else options.workers)
+    report.orientation = plan.orientation
     report.unchanged, report.added, report.updated = plan.unchanged, plan.added, plan.updated
     report.removed = len(plan.remove)
     for name, stamps in plan.restamp.items():

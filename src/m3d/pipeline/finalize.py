@@ -34,6 +34,7 @@ class SyncReport:
     engine: str = "local"
     resources: dict = field(default_factory=dict)  # what the engine ran on: cpus, gpus, nodes, workers per stage
     index_seconds: dict[str, float] = field(default_factory=dict)  # collection -> HNSW/quantization build time
+    orientation: dict | None = None  # --up auto: the axis the dataset agreed on, objects turned against it
     exit_status: int = EXIT_OK
 
     def summary(self) -> dict:

@@ -5,12 +5,15 @@ any engine starts; the engines then only schedule the stage functions over `Plan
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+import numpy as np
 
 from ..connector import IndexSettings
 from ..dataset import MeshFile, content_hash, file_stamp
 from ..errors import StoreError
+from ..orientation import Decision, consensus, measure_files
 from ..render import ViewSettings
 from ..schemas import SYNC_FIELDS, Fingerprint, collection_name
 from ..store import Session, is_unit
@@ -33,7 +36,8 @@ class Task:
 
     file: MeshFile
     needs: frozenset[str]  # encoder names whose collections lack a fresh point for it
-    changed: bool = False  # stored before with other content
+    changed: bool = False  # stored before with other content (or turned another way now)
+    up: Decision | None = None  # --up auto: the up decided for it over the whole dataset
 
     @property
     def id(self) -> str:
@@ -60,6 +64,7 @@ class Plan:
     unchanged: int = 0
     restamp: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # collection -> id -> new stamp
     versions: dict[str, str] = field(default_factory=dict)  # collection -> new version written in its place
+    orientation: dict | None = None  # --up auto: the dataset's consensus and how many objects left it
 
 
 def build_targets(encoders: list, options: SyncOptions) -> dict[str, Target]:
@@ -178,3 +183,42 @@ def same_content(file: MeshFile, record: dict, hash_cache: dict[str, str], *,
     if hash_cache[file.rel_path] != record.get("content_hash"):
         return False, None
     return True, None if stamp_same else stamp
+
+
+def plan_orientation(plan: Plan, files: list[MeshFile], known: dict[str, dict[str, dict]],
+                     targets: dict[str, Target], workers: int) -> None:
+    """--up auto: decide every object's up over the whole dataset, before anything renders.
+
+    Evidence comes from the stored payloads for unchanged objects and is measured (in `workers`
+    processes) for the tasks; the dataset's consensus then decides each object. An unchanged object
+    whose decision moved (the dataset's majority changed with new files) becomes a task too."""
+    view = plan.render.view
+    if view.up != "auto" or view.align != "none":
+        return
+    stored: dict[str, dict] = {}
+    for records in known.values():
+        for pid, rec in records.items():
+            if (rec.get("pose") or {}).get("evidence"):
+                stored.setdefault(pid, rec["pose"])
+    measured = measure_files([t.file.path for t in plan.tasks], plan.render.max_faces, workers)
+    evidence = {t.id: e for t, e in zip(plan.tasks, measured) if e is not None}
+    queued = {t.id for t in plan.tasks}
+    for file in files:
+        if file.point_id not in queued and file.point_id in stored:
+            evidence[file.point_id] = np.asarray(stored[file.point_id]["evidence"], dtype=np.float64)
+    dataset = consensus(list(evidence.values()))
+    decided = {pid: Decision(*dataset.choose(ev), tuple(float(x) for x in ev)) for pid, ev in evidence.items()}
+    plan.tasks = [replace(t, up=decided.get(t.id)) for t in plan.tasks]
+    every = frozenset(target.encoder.name for target in targets.values())
+    reoriented = 0
+    for file in files:
+        pid = file.point_id
+        if pid not in queued and pid in stored and decided[pid].up != stored[pid].get("up"):
+            plan.tasks.append(Task(file, every, changed=True, up=decided[pid]))
+            plan.unchanged -= 1
+            plan.updated += 1
+            reoriented += 1
+    plan.tasks.sort(key=lambda t: t.file.rel_path)
+    turned = sum(1 for d in decided.values() if d.up != dataset.majority)
+    plan.orientation = {"rule": "auto", **dataset.to_payload(), "against_majority": turned,
+                        "reoriented": reoriented}  # unchanged files embedded again (counted in updated)

@@ -23,7 +23,7 @@ from ..dataset import MeshFile, bytes_hash, content_hash, file_stamp
 from ..errors import M3DError
 from ..meshio import load_mesh
 from ..orientation import pose
-from ..render import BACKGROUND, create_renderer, posed
+from ..render import MIN_COVERAGE, coverage, create_renderer, posed, shown
 from ..schemas import object_payload
 from ..store import Session
 from .plan import RenderSpec, Target, Task
@@ -105,15 +105,16 @@ def render(task: Task, context: RenderContext) -> Rendered:
                          on_bytes=lambda data: read.setdefault("hash", bytes_hash(data)))
         result.content_hash = read.get("hash") or content_hash(task.file.path)
         result.vertices, result.faces = len(mesh.vertices), len(mesh.faces)
-        placed = pose(mesh, context.spec.view)
+        placed = task.up.pose() if task.up is not None else pose(mesh, context.spec.view)
         result.pose = placed.to_payload()
         views = context.renderer.render(posed(mesh, placed.rotation))
-        # a blank view is all background (coverage == 0); min over each view is ~20x cheaper than coverage()
-        blank = int((views.reshape(len(views), -1).min(axis=1) == BACKGROUND).sum())
-        if blank:
-            result.reason, result.bad_input = f"blank render in {blank} of {len(views)} views", True
+        # an object is kept when one view shows it; only the views that show it are pooled
+        visible = shown(views)
+        if not visible.any():
+            result.reason, result.bad_input = (f"no view shows the object (largest coverage "
+                                               f"{coverage(views).max():.2%} < {MIN_COVERAGE:.1%})"), True
         else:
-            result.views = views
+            result.views = views if visible.all() else np.ascontiguousarray(views[visible])
     except M3DError as exc:
         result.reason, result.bad_input = str(exc), True
     except OSError as exc:
@@ -147,17 +148,24 @@ def embed(batch: list[Rendered], encoders: dict[str, tuple[Any, list[Target]]]) 
         members = [b for b in batch if enc_name in b.task.needs]
         if not members:
             continue
-        views_per = members[0].views.shape[0]
         images = np.concatenate([b.views for b in members])
         chunks = [encoder.encode(images[i:i + encoder.batch_size]) for i in range(0, len(images), encoder.batch_size)]
-        per_view = torch.cat(chunks).reshape(len(members), views_per, -1)
+        flat = torch.cat(chunks)
+        counts = [len(b.views) for b in members]  # objects with views nobody sees pool fewer views
+        starts = np.cumsum([0] + counts)
+        groups: dict[int, list[int]] = {}
+        for i, count in enumerate(counts):
+            groups.setdefault(count, []).append(i)
         for target in targets:
-            vectors = pool(target.pool, per_view).cpu().numpy()
+            vectors = np.empty((len(members), flat.shape[1]), dtype=np.float32)
+            for count, rows in groups.items():
+                per_view = torch.stack([flat[starts[i]:starts[i] + count] for i in rows])
+                vectors[rows] = pool(target.pool, per_view).cpu().numpy()
             payloads = [
                 object_payload(rel_path=b.file.rel_path, label=b.file.label, split=b.file.split, dataset=b.file.dataset,
                                content_hash=b.content_hash, stamp=b.stamp,
                                vertices=b.vertices, faces=b.faces, fingerprint=target.fingerprint,
-                               pose=b.pose)
+                               pose=b.pose, views_shown=len(b.views))
                 for b in members
             ]
             out.append(Points(target.collection, [b.task.id for b in members], vectors, payloads))
