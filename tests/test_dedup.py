@@ -22,9 +22,10 @@ from m3d.errors import UsageError
 from m3d.evaluate import evaluate
 from m3d.meshio import load_mesh
 from m3d.pipeline import SyncOptions, sync
+from m3d.render import ViewSettings
 from m3d.store import open_session
 
-HOG = SyncOptions(encoders=("hog",), pools=("mean",), workers=0)
+HOG = SyncOptions(encoders=("hog",), pools=("mean",), workers=0, view=ViewSettings(up="y"))  # as measured
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,9 @@ def test_eval_rotate_reports_rotated_beside_unrotated(lpsb, tmp_path):
         index = session.exact("m3d_hog_mean")
         labels = {r.id: r.payload["class"] for r in session.vectors.records("m3d_hog_mean")}
         lab = np.array([labels[i] for i in index.ids])
-        rows = np.sort(np.random.default_rng(3).choice(len(index.ids), 5, replace=False))
+        ids = sorted(index.ids)
+        picked = {ids[i] for i in np.random.default_rng(3).choice(len(ids), 5, replace=False)}
+        rows = np.array([row for row, pid in enumerate(index.ids) if pid in picked])
         sims = index.vectors[rows] @ index.vectors.T
         sims[np.arange(5), rows] = -np.inf
         m = score_queries(sims, lab[rows], lab)

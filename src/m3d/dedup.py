@@ -30,7 +30,7 @@ from .store import Session
 #: conservative for other encoders (it misses near copies rather than pairing different objects):
 #: read the report's histogram and pass --threshold (README: choosing a threshold).
 DEFAULT_THRESHOLD = 0.9995
-PAYLOAD = ["path", "dataset", "class", "split", "content_hash"]
+PAYLOAD = ["path", "dataset", "class", "split", "content_hash", "pose"]  # pose: re-render as stored
 TRAIN, TEST = "train", "test"
 
 

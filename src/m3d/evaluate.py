@@ -268,8 +268,9 @@ def random_rotation(rng: np.random.Generator, kind: str, pose_rotation: np.ndarr
 
 def rotation_robustness(session: Session, names: list[str], *, objects: int, seed: int = 0,
                         rotation: str = "yaw") -> list[RotationEval]:
-    """Re-embed `objects` stored objects (the same ones in every collection, chosen by seed) after a
-    random rotation, with each collection's own settings, and query each against its collection."""
+    """Re-embed `objects` stored objects (chosen by seed) after a random rotation, with each
+    collection's own settings, and query each against its collection. Collections that share an
+    encoder and view settings share the renders and the encoding (only the pool differs)."""
     from .meshio import load_mesh
     from .orientation import pose, stored_consensus
     from .pooling import pool
@@ -280,43 +281,46 @@ def rotation_robustness(session: Session, names: list[str], *, objects: int, see
         raise UsageError(f"unknown rotation {rotation!r}; choose one of: {', '.join(ROTATIONS)}")
     if objects < 1:
         raise UsageError(f"--rotate needs a positive number of objects, got {objects}")
-
-    out, encoders = [], {}
+    groups: dict[tuple, list[str]] = {}
     for name in names:
         fp = session.fingerprint(name)
-        index = session.exact(name)
-        payloads = {r.id: r.payload for r in session.vectors.records(name, fields=["class", "path", "dataset", "pose"])}
-        labels = np.array([str(payloads[i].get("class")) for i in index.ids])
-        dataset = stored_consensus([p.get("pose") for p in payloads.values()]) if fp.view.up == "auto" else None
+        groups.setdefault((fp.encoder, fp.view), []).append(name)
+    out = []
+    for (_, view), members in groups.items():
+        fp = session.fingerprint(members[0])
+        payloads = {r.id: r.payload for r in session.vectors.records(members[0], fields=["class", "path", "dataset", "pose"])}
+        dataset = stored_consensus([p.get("pose") for p in payloads.values()]) if view.up == "auto" else None
         rng = np.random.default_rng(seed)
-        rows = np.sort(rng.choice(len(index.ids), size=min(objects, len(index.ids)), replace=False))
-        if fp.encoder not in encoders:
-            encoders[fp.encoder] = collection_encoder(session, fp)
-        encoder = encoders[fp.encoder]
-        renderer = create_renderer(fp.view)
-        queried, vectors, missing = [], [], 0
+        ids = sorted(payloads)
+        chosen = [ids[i] for i in np.sort(rng.choice(len(ids), size=min(objects, len(ids)), replace=False))]
+        encoder = collection_encoder(session, fp)
+        renderer = create_renderer(view)
+        per_view, missing = {}, 0  # point id -> (views, dim) of its rotated renders
         try:
-            for row in rows:
-                payload = payloads[index.ids[row]]
-                path = session.source_path(payload)
+            for pid in chosen:
+                path = session.source_path(payloads[pid])
                 if path is None or not path.is_file():
                     missing += 1
                     continue
-                stored = np.asarray((payload.get("pose") or {}).get("rotation", np.eye(3)), dtype=np.float64)
+                stored = np.asarray((payloads[pid].get("pose") or {}).get("rotation", np.eye(3)), dtype=np.float64)
                 turned = posed(load_mesh(path), random_rotation(rng, rotation, stored))
-                views = renderer.render(posed(turned, pose(turned, fp.view, dataset).rotation))
-                vectors.append(pool(fp.pool, encoder.encode(views)[None]).cpu().numpy()[0])
-                queried.append(row)
+                per_view[pid] = encoder.encode(renderer.render(posed(turned, pose(turned, view, dataset).rotation)))
         finally:
             renderer.close()
-        rows = np.array(queried, dtype=int)
-        figures = {}
-        for kind, query_vectors in (("rotated", np.array(vectors).reshape(len(rows), -1)), ("unrotated", index.vectors[rows])):
-            sims = query_vectors @ index.vectors.T
-            sims[np.arange(len(rows)), rows] = -np.inf  # never its own stored point
-            m = score_queries(sims, labels[rows], labels)
-            figures[kind] = {"p@5": _mean(m["precision"][5]), "nn": _mean(m["nn"]), "map": _mean(m["ap"])}
-            excluded = int((~m["scored"]).sum())
-        out.append(RotationEval(name, rotation, seed, len(rows), excluded, missing, figures["rotated"],
-                                figures["unrotated"]))
+        for name in members:
+            index = session.exact(name)
+            row_of = {pid: row for row, pid in enumerate(index.ids)}
+            labels = np.array([str(payloads.get(i, {}).get("class")) for i in index.ids])
+            queried = [pid for pid in per_view if pid in row_of]
+            rows = np.array([row_of[pid] for pid in queried], dtype=int)
+            pool_name = session.fingerprint(name).pool
+            rotated = np.array([pool(pool_name, per_view[pid][None]).cpu().numpy()[0] for pid in queried])
+            figures = {}
+            for kind, vectors in (("rotated", rotated.reshape(len(rows), -1)), ("unrotated", index.vectors[rows])):
+                sims = vectors @ index.vectors.T
+                sims[np.arange(len(rows)), rows] = -np.inf  # never its own stored point
+                m = score_queries(sims, labels[rows], labels)
+                figures[kind] = {"p@5": _mean(m["precision"][5]), "nn": _mean(m["nn"]), "map": _mean(m["ap"])}
+            out.append(RotationEval(name, rotation, seed, len(rows), int((~m["scored"]).sum()), missing,
+                                    figures["rotated"], figures["unrotated"]))
     return out

@@ -41,7 +41,7 @@ DPI = 110
 WRONG = "#c62828"  # wrong-class neighbour titles and frames
 QUERY = "#1f4e9a"
 MISSING_GREY = 190  # fill of the "source not available" tile (a value no render uses as a flat area)
-PAYLOAD_FIELDS = ["class", "split", "path", "dataset"]
+PAYLOAD_FIELDS = ["class", "split", "path", "dataset", "pose"]  # pose: re-render as stored
 
 FIGURES: dict[str, tuple[str, str]] = {  # file -> (heading, how to read it)
     "precision_by_encoder.png": (
