@@ -202,10 +202,10 @@ def _inside_any(point: np.ndarray, triangles: np.ndarray, axis: int) -> float:
     d20, d21 = (v2 * v0).sum(1), (v2 * v1).sum(1)
     den = d00 * d11 - d01 * d01
     ok = den > 1e-15
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"):  # degenerate triangles: NaN, masked by ok
         l1 = (d11 * d20 - d01 * d21) / den
         l2 = (d00 * d21 - d01 * d20) / den
-    return float(np.any(ok & (l1 >= 0) & (l2 >= 0) & (l1 + l2 <= 1)))
+        return float(np.any(ok & (l1 >= 0) & (l2 >= 0) & (l1 + l2 <= 1)))
 
 
 def log_softmax(scores: np.ndarray) -> np.ndarray:
