@@ -73,6 +73,19 @@ def test_text_query_on_a_collection_without_text_tower_names_those_that_can(sync
         assert out.exit_code == 2 and "exactly one query" in out.output
 
 
+def test_options_a_query_kind_cannot_use_are_refused_not_ignored(synced, ckpts) -> None:
+    """--up turns a mesh: with --image/--text it is exit 2 before the store opens; --checkpoint only
+    means something for a collection synced from a local checkpoint (with CLIP's it is used)."""
+    tree, store = synced
+    out = CliRunner().invoke(app, ["query", "--text", "a chair", "--up", "z", "--store", str(store / "absent")])
+    assert out.exit_code == 2 and out.output.count("\n") == 1 and "--up" in out.output
+    assert not (store / "absent").exists()
+    with open_session(store) as session:
+        with pytest.raises(UsageError, match="m3d_hog_mean was built with hog"):
+            query(session, image=tree / "Cup" / "train" / "21.off", collection="m3d_hog_mean", checkpoint=ckpts["clip"])
+        assert query(session, text="a cup", checkpoint=ckpts["clip"], k=1).collection == CLIP
+
+
 def test_image_rendered_from_a_stored_mesh_finds_that_mesh_first(synced, tmp_path) -> None:
     """Every view of every stored object, saved as a PNG, finds that object first in the HOG mean
     collection (one view against the mean of eight: on all 380 LPSB meshes this holds for 87% of

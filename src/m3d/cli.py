@@ -291,7 +291,7 @@ def query(
     from .search import Query
     from .search import query as run_query
 
-    q = Query(mesh=mesh, image=image, text=text)  # checked before the store is opened
+    q = Query(mesh=mesh, image=image, text=text, up=up)  # checked before the store is opened
     params = SearchSettings(hnsw_ef=hnsw_ef, rescore=rescore, oversampling=oversampling)
     with _session(store, qdrant_url, qdrant_api_key) as session:
         result = run_query(session, mesh, image=image, text=text, collection=collection, k=k, label=label,

@@ -30,11 +30,13 @@ QUERY_KINDS = ("mesh", "image", "text")
 
 @dataclass(frozen=True)
 class Query:
-    """One query: exactly one of a mesh file, an image file, or a sentence."""
+    """One query: exactly one of a mesh file, an image file, or a sentence; ``up`` (the mesh's up
+    axis) only with a mesh, since a picture or a sentence has no axis to turn."""
 
     mesh: Path | None = None
     image: Path | None = None
     text: str | None = None
+    up: str | None = None
 
     def __post_init__(self) -> None:
         given = [k for k in QUERY_KINDS if getattr(self, k) is not None]
@@ -43,6 +45,8 @@ class Query:
                              + (f" (got {', '.join(given)})" if given else ""))
         if self.text is not None and not self.text.strip():
             raise UsageError("--text is empty: say what to look for, e.g. --text \"a wooden chair\"")
+        if self.up is not None and self.mesh is None:
+            raise UsageError("--up names the up axis of a MESH query; an --image or --text query has none")
 
     @property
     def kind(self) -> str:
@@ -186,11 +190,16 @@ def query(session: Session, mesh_path: Path | None = None, *, image: Path | None
           params: SearchSettings = SearchSettings()) -> QueryResult:
     """up names the query mesh's up axis when it does not follow the collection's rule; checkpoint is
     the directory of a collection's local checkpoint when this store does not remember it."""
-    q = Query(mesh=mesh_path, image=image, text=text)
+    from .encoders import is_local_id
+
+    q = Query(mesh=mesh_path, image=image, text=text, up=up)
     name = choose_collection(session, collection, q.kind, checkpoint)
     fp = session.fingerprint(name)
     if fp is None:
         raise StoreError(f"collection {name} is empty")
+    if checkpoint is not None and not is_local_id(fp.encoder):  # it would be ignored: say so
+        raise UsageError(f"--checkpoint is for a collection synced from a local checkpoint; {name} was built "
+                         f"with {fp.model_id}, which m3d finds by itself")
     if label is not None:  # an unknown class is a typo, not "no neighbours"
         classes = session.vectors.facet(name, "class")
         if label not in classes:
