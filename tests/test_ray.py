@@ -135,10 +135,15 @@ def test_engine_options_are_checked_before_anything_runs(tree, tmp_path):
 
     runner = CliRunner()
     for args, message in ((["--engine", "spark"], "unknown engine 'spark'; choose from local, ray"),
-                          (["--engine", "ray", "--workers", "0"], "at least one render actor")):
+                          (["--engine", "ray", "--workers", "0"], "at least one render actor"),
+                          (["--ray-address", "head:6379"], "--ray-address needs --engine ray")):
         result = runner.invoke(app, ["sync", str(tree), "--store", str(tmp_path / "s"), "--encoders", "hog", *args])
         assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1
         assert not (tmp_path / "s").exists()  # refused before the store was opened
+    # RAY_ADDRESS in the environment is for Ray (ray.init reads it); a local sync does not use or refuse it
+    result = runner.invoke(app, ["sync", str(tree), "--store", str(tmp_path / "s"), "--encoders", "hog", "--pools", "mean",
+                                 "--limit", "1", "--workers", "0"], env={"RAY_ADDRESS": "head:6379"})
+    assert result.exit_code == 0 and "engine: local" in result.output, result.output
 
 
 def test_neural_checkpoints_give_the_same_vectors_on_ray(ray_cluster, tree, ckpts, tmp_path):

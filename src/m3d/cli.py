@@ -160,7 +160,7 @@ def sync(
     max_faces: Annotated[int, typer.Option(min=1, help="Refuse meshes with more faces than this.")] = 2_000_000,
     rebuild: Annotated[bool, typer.Option(help="Replace collections built with other settings instead of refusing.")] = False,
     engine: Annotated[str, typer.Option(help="local (processes on this machine) or ray (actors on a Ray cluster; pip install 'm3d[ray]').")] = "local",
-    ray_address: Annotated[Optional[str], typer.Option("--ray-address", envvar="RAY_ADDRESS", help="Ray cluster to run on with --engine ray, e.g. ray://head:10001 (default: a local Ray).")] = None,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster to run on with --engine ray, e.g. ray://head:10001 (default: RAY_ADDRESS, else a local Ray).")] = None,
     verify: Annotated[bool, typer.Option(help="Hash every file, even those whose size, mtime, ctime and inode are unchanged.")] = False,
     hnsw_m: Annotated[Optional[int], typer.Option(help="HNSW edges per node (new collections; default 16).", rich_help_panel="Index")] = None,
     hnsw_ef_construct: Annotated[Optional[int], typer.Option(help="HNSW build candidates (default 100).", rich_help_panel="Index")] = None,
@@ -197,7 +197,7 @@ def sync(
         view=ViewSettings(views=views, elevation=elevation, size=size, renderer=renderer, up=up, layout=layout,
                           align=align), workers=workers,
         batch_size=batch_size, device=device, precision=precision, max_faces=max_faces, rebuild=rebuild, verify=verify,
-        engine=engine, ray_address=ray_address if engine == "ray" else None,
+        engine=engine, ray_address=ray_address,  # RAY_ADDRESS is read by ray.init itself, so a local sync ignores it
         index=index,
     )
     with _session(store, qdrant_url, qdrant_api_key, create=True) as session, _progress(as_json) as progress:
