@@ -53,7 +53,7 @@ class IndexSettings:
                  (("shards", 1), ("replication_factor", 1), ("write_consistency", 1))
                  if getattr(self, name) not in (None, plain)]
         if asked:
-            raise UsageError(f"{', '.join(asked)} need a Qdrant server (--qdrant-url): the embedded store keeps "
+            raise UsageError(f"{', '.join(asked)} {'needs' if len(asked) == 1 else 'need'} a Qdrant server (--qdrant-url): the embedded store keeps "
                              "one shard per collection")
 
     def resolved(self) -> "IndexSettings":
