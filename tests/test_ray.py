@@ -175,3 +175,19 @@ def test_a_render_worker_that_cannot_start_stops_the_local_sync_in_one_line(tree
         with pytest.raises(M3DError, match=r"render worker could not start: .*EGL"):
             sync(session, tree, SyncOptions(**ARGS, workers=2))
         assert all(session.vectors.count(name) == 0 for name in session.collections())
+
+
+def test_a_cluster_address_nothing_answers_at_is_one_line(tree, tmp_path):
+    """ray.init retries an address with no cluster for ever; the sync says so at once (exit 1)."""
+    import socket
+
+    with socket.socket() as probe:  # a port that was just free: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    result = subprocess.run([sys.executable, "-m", "m3d.cli", "sync", str(tree), "--encoders", "hog", "--pools", "mean",
+                             "--engine", "ray", "--ray-address", f"127.0.0.1:{port}", "--store", str(tmp_path / "s")],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.count("\n") == 1 and f"no Ray cluster answers at 127.0.0.1:{port}" in result.stderr

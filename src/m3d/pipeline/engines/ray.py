@@ -90,11 +90,33 @@ class _Encoder:
     busy: int = 0
 
 
+CONNECT_TIMEOUT_S = 10.0
+
+
+def check_reachable(address: str | None) -> None:
+    """One line at once for a cluster address nothing answers at: ray.init itself retries such an
+    address for ever, printing a warning every few seconds. None, "auto" and "local" are Ray's to
+    resolve; an address without a port is left to Ray as well."""
+    import socket
+
+    if not address or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise M3DError(f"no Ray cluster answers at {address} ({exc.strerror or exc}); start one with "
+                       "`ray start --head` or fix --ray-address / RAY_ADDRESS") from None
+
+
 def run(job: Job) -> None:
     ray = _ray()
     options = job.options
     started_here = not ray.is_initialized()
     if started_here:
+        check_reachable(options.ray_address or os.environ.get("RAY_ADDRESS"))
         ray.init(address=options.ray_address, include_dashboard=False, logging_level=logging.WARNING)
     try:
         _Scheduler(ray, job).run()
