@@ -140,3 +140,6 @@ def test_image_view_is_a_render_like_square(tmp_path) -> None:
         image_view(tmp_path / "bad.png", 224)
     with pytest.raises(UsageError, match="no such image"):
         image_view(tmp_path / "missing.png", 224)
+    Image.new("1", (15000, 13000)).save(tmp_path / "bomb.png")  # 24 KB of file, 195 M pixels
+    with pytest.raises(UsageError, match="too large to read"):
+        image_view(tmp_path / "bomb.png", 224)

@@ -108,6 +108,8 @@ def image_view(image_path: Path, size: int) -> np.ndarray:
             rgba = img.convert("RGBA")
     except FileNotFoundError:
         raise UsageError(f"{image_path}: no such image file") from None
+    except Image.DecompressionBombError as exc:  # a tiny file claiming billions of pixels
+        raise UsageError(f"{image_path}: too large to read as an image ({exc})") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise UsageError(f"{image_path}: not an image this can read ({exc})") from None
     side = max(rgba.size)
