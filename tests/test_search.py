@@ -5,6 +5,8 @@ tiny tokenizer saved beside it (tests/checkpoints.py), loaded from disk like a h
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from typer.testing import CliRunner
 
 from helpers import make_tree
 from m3d.cli import app
-from m3d.errors import UsageError
+from m3d.errors import ModelLoadError, UsageError
 from m3d.pipeline import SyncOptions, sync
 from m3d.search import image_view, query, render_views
 from m3d.store import open_session
@@ -71,6 +73,22 @@ def test_text_query_on_a_collection_without_text_tower_names_those_that_can(sync
     for args in (["--image", "x.png", "--text", "chair"], [str(tree / "Cup" / "train" / "21.off"), "--text", "a"], []):
         out = CliRunner().invoke(app, ["query", *args, "--store", str(store)])
         assert out.exit_code == 2 and "exactly one query" in out.output
+
+
+def test_a_clip_collection_whose_checkpoint_moved_is_not_called_textless(synced, ckpts, tmp_path) -> None:
+    """The store's record of where the CLIP checkpoint lives points nowhere: text queries say that
+    collection may answer and how (--checkpoint), never that it has no text tower."""
+    tree, store = synced
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    record = copy / "reports" / "checkpoints.json"
+    record.write_text(json.dumps({k: str(tmp_path / "moved") for k in json.loads(record.read_text())}))
+    with open_session(copy) as session:
+        with pytest.raises(ModelLoadError, match=rf"known to answer.*{CLIP} may.*--checkpoint DIR"):
+            query(session, text="a chair")
+        with pytest.raises(UsageError, match=rf"m3d_hog_mean cannot answer a text query.*{CLIP} may"):
+            query(session, text="a chair", collection="m3d_hog_mean")
+        assert query(session, text="a chair", checkpoint=ckpts["clip"], k=1).collection == CLIP
 
 
 def test_options_a_query_kind_cannot_use_are_refused_not_ignored(synced, ckpts) -> None:

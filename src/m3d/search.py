@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .connector import Hit, SearchSettings
-from .errors import M3DError, MeshError, StoreError, UsageError
+from .errors import M3DError, MeshError, ModelLoadError, StoreError, UsageError
 from .meshio import Mesh, load_mesh
 from .orientation import Consensus, pose, stored_consensus
 from .render import BACKGROUND, create_renderer, posed
@@ -26,6 +26,7 @@ from .schemas import Fingerprint
 from .store import Session
 
 QUERY_KINDS = ("mesh", "image", "text")
+TEXT_HINT = "sync with a CLIP encoder (--encoders clip) to search by text"
 
 
 @dataclass(frozen=True)
@@ -132,16 +133,15 @@ def collection_encoder(session: Session, fp: Fingerprint, *, checkpoint: Path | 
 
 
 def can_answer_text(session: Session, name: str, checkpoint: Path | None = None) -> bool:
-    """Whether a collection's encoder family has a text tower (read from config.json, no weights)."""
+    """Whether a collection's encoder family has a text tower (read from config.json, no weights).
+    Raises ModelLoadError when that cannot be told here (a local checkpoint this store cannot find,
+    a hub id that is not cached): such a collection may well have one."""
     from .encoders import family_of
 
     fp = session.fingerprint(name)
     if fp is None:
         return False
-    try:
-        return family_of(fp.encoder, checkpoint=checkpoint or session.checkpoints().get(fp.encoder)).can_text
-    except M3DError:  # an encoder that cannot be found here cannot answer here either
-        return False
+    return family_of(fp.encoder, checkpoint=checkpoint or session.checkpoints().get(fp.encoder)).can_text
 
 
 def choose_collection(session: Session, collection: str | None, kind: str = "mesh",
@@ -154,15 +154,31 @@ def choose_collection(session: Session, collection: str | None, kind: str = "mes
         session.require(collection)
     if kind != "text":
         return collection or ([n for n in names if n.endswith("_mean")] or names)[0]
-    if collection and can_answer_text(session, collection, checkpoint):
+    from .encoders import is_local_id
+
+    if collection and can_answer_text(session, collection, checkpoint):  # why it cannot be told, if so
         return collection
-    able = [n for n in names if can_answer_text(session, n, checkpoint)]
-    hint = "sync with a CLIP encoder (--encoders clip) to search by text"
+    able, unknown = [], {}
+    for n in names:
+        try:
+            if can_answer_text(session, n, checkpoint):
+                able.append(n)
+        except M3DError as exc:
+            unknown[n] = exc
+    maybe = next(iter(unknown), None)  # not "none can": this one may, once its encoder is found here
+    if able:
+        answer = f"collections that can: {', '.join(able)}"
+    elif maybe:
+        moved = " (pass --checkpoint DIR if its checkpoint moved)" if is_local_id(session.fingerprint(maybe).encoder) else ""
+        answer = f"{maybe} may, but its encoder cannot be read here: {unknown[maybe]}{moved}"
+    else:
+        answer = f"none here can: {TEXT_HINT}"
     if collection:
-        answer = f"collections that can: {', '.join(able)}" if able else f"none here can: {hint}"
         raise UsageError(f"collection {collection} cannot answer a text query (its encoder has no text tower); {answer}")
+    if maybe and not able:
+        raise ModelLoadError(f"no collection here is known to answer a text query; {answer}")
     if not able:
-        raise UsageError(f"no collection here can answer a text query (no encoder with a text tower); {hint}")
+        raise UsageError(f"no collection here can answer a text query (no encoder with a text tower); {TEXT_HINT}")
     return ([n for n in able if n.endswith("_mean")] or able)[0]
 
 
