@@ -123,6 +123,8 @@ def test_eval_excluding_duplicates_ranks_without_each_querys_copies(planted) -> 
     with open_session(planted["store"]) as session:
         plain = evaluate(session, ["m3d_hog_mean"])[0]
         both = evaluate(session, ["m3d_hog_mean"], exclude_duplicates=DEFAULT_THRESHOLD)[0]
+        with pytest.raises(UsageError, match="threshold must be a cosine"):
+            evaluate(session, ["m3d_hog_mean"], exclude_duplicates=1.5)  # the library refuses it, not only the CLI
         index = session.exact("m3d_hog_mean")
         labels = {r.id: r.payload["class"] for r in session.vectors.records("m3d_hog_mean", fields=["class"])}
     assert both.nn_accuracy == plain.nn_accuracy and both.map == plain.map

@@ -200,6 +200,10 @@ def _latency(search, queries: np.ndarray) -> dict[str, float]:
 def evaluate(session: Session, collections: list[str] | None = None, **kwargs) -> list[CollectionEval]:
     """Every named collection (default: all) with at least two objects; smaller ones have no neighbours
     to rank and are left out rather than reported as NaN."""
+    if kwargs.get("exclude_duplicates") is not None:
+        from .dedup import DedupOptions
+
+        DedupOptions(threshold=kwargs["exclude_duplicates"])  # a cosine in (0, 1]: 1.5 would exclude nothing
     names = collections or session.collections()
     for name in names:
         session.require(name)
