@@ -59,6 +59,8 @@ def test_byte_copies_are_exact_resaved_copies_near_and_contamination_is_what_was
     assert exact == {(("mn", "Chair/test/copy_of_101.off"), ("mn", "Chair/train/101.off")),
                      (("mn", "Cup/test/copy_of_21.off"), ("mn", "Cup/train/21.off")),
                      (("mn", "Cup/train/22.off"), ("other", "Vase/not_a_vase.off"))}  # across datasets and classes
+    assert ["mn:Cup/train/22.off", "other:Vase/not_a_vase.off"] in [g.places for g in result.exact]
+    assert ["Chair/test/copy_of_101.off", "Chair/train/101.off"] in [g.places for g in result.exact]
     near = [sorted(m.path for m in g.members) for g in result.near]
     assert near == [["Airplane/test/resaved_62.off", "Airplane/train/62.off"]]
     assert result.near[0].min_score >= DEFAULT_THRESHOLD

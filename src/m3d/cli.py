@@ -410,7 +410,7 @@ def dedup(
            f"{s['exact_groups']} exact groups ({s['exact_objects']} objects), "
            f"{s['near_groups']} near groups ({s['near_objects']} objects)")
     rows = [{"group": n, "kind": g.kind, "objects": len(g.members), "min": f"{g.min_score:.6f}", "max": f"{g.max_score:.6f}",
-             "classes": ", ".join(g.classes), "paths": ", ".join(m.path for m in g.members[:3])
+             "classes": ", ".join(g.classes), "paths": ", ".join(g.places[:3])
              + (" ..." if len(g.members) > 3 else "")}
             for n, g in enumerate(result.exact + result.near, 1)]
     if rows:

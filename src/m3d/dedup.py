@@ -66,6 +66,12 @@ class Group:
     def classes(self) -> list[str]:
         return sorted({m.label for m in self.members})
 
+    @property
+    def places(self) -> list[str]:
+        """Each member's path, with its dataset when the group spans several (both may hold Cup/21.off)."""
+        several = len({m.dataset for m in self.members}) > 1
+        return [f"{m.dataset}:{m.path}" if several else m.path for m in self.members]
+
 
 @dataclass
 class DedupResult:
