@@ -88,6 +88,8 @@ def test_a_clip_collection_whose_checkpoint_moved_is_not_called_textless(synced,
             query(session, text="a chair")
         with pytest.raises(UsageError, match=rf"m3d_hog_mean cannot answer a text query.*{CLIP} may"):
             query(session, text="a chair", collection="m3d_hog_mean")
+        with pytest.raises(ModelLoadError, match=rf"^{CLIP}: its encoder cannot be read here: .*--checkpoint DIR"):
+            query(session, text="a chair", collection=CLIP)
         assert query(session, text="a chair", checkpoint=ckpts["clip"], k=1).collection == CLIP
 
 

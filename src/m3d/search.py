@@ -156,21 +156,28 @@ def choose_collection(session: Session, collection: str | None, kind: str = "mes
         return collection or ([n for n in names if n.endswith("_mean")] or names)[0]
     from .encoders import is_local_id
 
-    if collection and can_answer_text(session, collection, checkpoint):  # why it cannot be told, if so
-        return collection
+    def unreadable(name: str, exc: M3DError) -> str:
+        moved = " (pass --checkpoint DIR if its checkpoint moved)" if is_local_id(session.fingerprint(name).encoder) else ""
+        return f"{exc}{moved}"
+
+    if collection:
+        try:
+            if can_answer_text(session, collection, checkpoint):
+                return collection
+        except M3DError as exc:
+            raise ModelLoadError(f"{collection}: its encoder cannot be read here: {unreadable(collection, exc)}") from None
     able, unknown = [], {}
     for n in names:
         try:
             if can_answer_text(session, n, checkpoint):
                 able.append(n)
         except M3DError as exc:
-            unknown[n] = exc
+            unknown[n] = unreadable(n, exc)
     maybe = next(iter(unknown), None)  # not "none can": this one may, once its encoder is found here
     if able:
         answer = f"collections that can: {', '.join(able)}"
     elif maybe:
-        moved = " (pass --checkpoint DIR if its checkpoint moved)" if is_local_id(session.fingerprint(maybe).encoder) else ""
-        answer = f"{maybe} may, but its encoder cannot be read here: {unknown[maybe]}{moved}"
+        answer = f"{maybe} may, but its encoder cannot be read here: {unknown[maybe]}"
     else:
         answer = f"none here can: {TEXT_HINT}"
     if collection:
