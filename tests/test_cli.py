@@ -67,6 +67,8 @@ def test_info_check_eval_render(synced, tmp_path):
     info = json.loads(runner.invoke(app, ["info", "--store", str(store), "--json"]).stdout)
     assert [(c["collection"], c["points"], c["classes"]) for c in info["collections"]] == [
         ("m3d_hog_max", 6, 2), ("m3d_hog_mean", 6, 2)]
+    table = runner.invoke(app, ["info", "--store", str(store)]).stdout  # a pipe: the wide table comes whole
+    assert "…" not in table and "none (exact scan)" in table and "renderer" in table
     check = runner.invoke(app, ["check", "--store", str(store), "--json"])
     assert check.exit_code == 0 and all(row["in_step"] for row in json.loads(check.stdout))
     out_dir = tmp_path / "eval"

@@ -125,14 +125,36 @@ def _table(title: str, rows: list[dict]):
     return table
 
 
-def _print(obj) -> None:
-    """A table, or plain text line by line (never markup: every message may carry user text)."""
-    from rich.console import Console
+def _records(table) -> "Text":
+    """A table too wide for the terminal, as one block per row (`key: value` lines): cut cells say nothing."""
     from rich.text import Text
 
+    columns = [(str(c.header), list(c.cells)) for c in table.columns]
+    blocks = [str(table.title)] if table.title else []
+    for i in range(table.row_count):
+        (first, cells), rest = columns[0], columns[1:]
+        blocks.append("\n".join([f"{first}: {cells[i]}"] + [f"  {key}: {values[i]}" for key, values in rest]))
+    return Text("\n\n".join(blocks))
+
+
+def _print(obj) -> None:
+    """A table, or plain text line by line (never markup: every message may carry user text).
+
+    A table wider than the terminal is printed whole where nobody reads it at a width (pipes, CI logs)
+    and as one block per row on a terminal, never with its cells cut to an ellipsis."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console()
     if isinstance(obj, str):
         obj = Text("\n".join(printable(line) for line in obj.split("\n")))
-    Console().print(obj)
+    elif isinstance(obj, Table) and (natural := console.measure(obj, options=console.options.update_width(10**5)).maximum) > console.width:
+        if console.is_terminal:
+            obj = _records(obj)
+        else:
+            console = Console(width=natural)
+    console.print(obj)
 
 
 @app.command()
