@@ -6,6 +6,7 @@ number of test objects planted as copies of train objects."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -150,7 +151,8 @@ def test_report_draws_hostile_names_as_typed(lpsb, tmp_path) -> None:
     """Class and file names are data on the report's pictures: `$\\bogus$` (mathtext that cannot parse)
     is drawn as typed, and the page escapes `<b>` instead of a traceback or markup."""
     tree = tmp_path / "tree"
-    for folder, names in {"$\\bogus$": ("a$x^2$.off", "b.off"), "<b>x</b>": ("[bold]c.off", "d.off")}.items():
+    hostile = {"$\\bogus$": ("a$x^2$.off", "b.off"), "<b>x</b>": ("[bold]c.off", "d.off"), "=1+2": ("@e.off", "-f.off")}
+    for folder, names in hostile.items():
         (tree / folder).mkdir(parents=True)
         for name in names:
             shutil.copyfile(lpsb / "Cup" / "21.off", tree / folder / name)
@@ -161,4 +163,7 @@ def test_report_draws_hostile_names_as_typed(lpsb, tmp_path) -> None:
     assert "$\\bogus$" in out.output  # the console table shows the name, not markup
     page = (tmp_path / "rep" / "index.html").read_text()
     assert "&lt;b&gt;x&lt;/b&gt;/[bold]c.off" in page and "<b>x</b>" not in page
-    assert (tmp_path / "rep" / "group_001.png").is_file()  # the four copies, one exact group
+    assert (tmp_path / "rep" / "group_001.png").is_file()  # the six copies, one exact group
+    cells = [cell for row in csv.reader(open(tmp_path / "rep" / "dedup_pairs.csv")) for cell in row]
+    assert "'=1+2" in cells and "'=1+2/@e.off" in cells  # shown as text by a spreadsheet, never a formula
+    assert not any(cell[:1] in "=+-@" for cell in cells if cell)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import UsageError, spreadsheet_cell
 from .store import Session
 
 #: Cosine at or above which two objects count as near duplicates. Measured with the weight-free HOG
@@ -220,8 +220,8 @@ def write_tables(result: DedupResult, out_dir: Path) -> list[Path]:
         for number, group in enumerate(result.exact + result.near, 1):
             for i, j, score in group.pairs:
                 a, b = group.members[i], group.members[j]
-                writer.writerow([group.kind, number, round(score, 6), a.path, a.label, a.split, a.dataset,
-                                 b.path, b.label, b.split, b.dataset])
+                writer.writerow([spreadsheet_cell(v) for v in (group.kind, number, round(score, 6), a.path, a.label,
+                                                               a.split, a.dataset, b.path, b.label, b.split, b.dataset)])
     full = out_dir / "dedup.json"
     full.write_text(json.dumps(result.to_json(), indent=2))
     return [pairs_csv, full]

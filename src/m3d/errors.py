@@ -14,6 +14,14 @@ def printable(value: object) -> str:
     return text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
+def spreadsheet_cell(value: object) -> object:
+    """A CSV cell a spreadsheet shows as text: user text starting with = + - @ (or a tab/CR) is a formula
+    there, so it gets a leading apostrophe. Numbers and None pass unchanged."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 class M3DError(Exception):
     """Base class: a problem with the user's input or environment, never a bug. The message is
     always one line, whatever the library underneath said."""

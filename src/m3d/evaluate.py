@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .connector import SearchSettings
-from .errors import UsageError
+from .errors import UsageError, spreadsheet_cell
 from .store import Session
 
 PRECISION_AT = (5, 10)
@@ -218,14 +218,14 @@ def write_results(results: list[CollectionEval], out_dir: Path) -> list[Path]:
     with open(summary, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["collection"])
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({key: spreadsheet_cell(value) for key, value in row.items()} for row in rows)
     per_class = out_dir / "eval_per_class.csv"
     with open(per_class, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["collection", "class", "objects", *[f"p@{k}" for k in PRECISION_AT], "map"])
         for r in results:
             for label, m in r.per_class.items():
-                writer.writerow([r.collection, label, m["objects"], *[round(m[f"p@{k}"], 4) for k in PRECISION_AT],
+                writer.writerow([r.collection, spreadsheet_cell(label), m["objects"], *[round(m[f"p@{k}"], 4) for k in PRECISION_AT],
                                  round(m["map"], 4)])
     full = out_dir / "eval.json"
     full.write_text(json.dumps([asdict(r) for r in results], indent=2))
