@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,25 +96,31 @@ def test_kill_9_then_rerun_equals_uninterrupted(tree, reference, tmp_path, marke
             np.testing.assert_allclose(have["vectors"][pid], vector, atol=1e-6)
 
 
-def test_a_render_worker_killed_mid_sync_loses_nothing(tree, reference, tmp_path):
-    """The OOM killer (or a driver crash) takes a render worker: the files it had in flight are
-    retried one at a time in a fresh pool and the sync completes with every object."""
+def _sync_with_render_workers(tree: Path, store_dir: Path, *extra: str, stdout: int, count: int):
+    """A real `m3d sync` with two render worker processes, returned once it has planned and `count` of
+    its workers are up (or 30 s have passed): (the process, its render worker processes)."""
     import psutil
 
-    store_dir = tmp_path / "store"
-    cmd = [sys.executable, "-m", "m3d.cli", "-v", "sync", str(tree), "--store", str(store_dir), "--json",
+    cmd = [sys.executable, "-m", "m3d.cli", "-v", "sync", str(tree), "--store", str(store_dir), *extra,
            *[a if a != "0" else "2" for a in ARGS]]  # two render worker processes
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=stdout, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     for line in proc.stderr:
         if "plan:" in line:
             break
     deadline = time.monotonic() + 30
     workers = []
-    while not workers and time.monotonic() < deadline:
-        workers = [p for p in psutil.Process(proc.pid).children()
-                   if "spawn_main" in " ".join(p.cmdline())]
+    while len(workers) < count and time.monotonic() < deadline:
+        workers = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
         time.sleep(0.05)
+    return proc, workers
+
+
+def test_a_render_worker_killed_mid_sync_loses_nothing(tree, reference, tmp_path):
+    """The OOM killer (or a driver crash) takes a render worker: the files it had in flight are
+    retried one at a time in a fresh pool and the sync completes with every object."""
+    store_dir = tmp_path / "store"
+    proc, workers = _sync_with_render_workers(tree, store_dir, "--json", stdout=subprocess.PIPE, count=1)
     assert workers, "no render worker process found"
     workers[0].kill()
     out, _ = proc.communicate(timeout=300)
@@ -136,18 +143,7 @@ def test_render_workers_exit_when_the_sync_is_killed(tree, tmp_path):
     ~200 MB): they notice their parent is gone and exit."""
     import psutil
 
-    cmd = [sys.executable, "-m", "m3d.cli", "-v", "sync", str(tree), "--store", str(tmp_path / "store"),
-           *[a if a != "0" else "2" for a in ARGS]]  # two render worker processes
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    for line in proc.stderr:
-        if "plan:" in line:
-            break
-    deadline = time.monotonic() + 30
-    workers = []
-    while len(workers) < 2 and time.monotonic() < deadline:
-        workers = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
-        time.sleep(0.05)
+    proc, workers = _sync_with_render_workers(tree, tmp_path / "store", stdout=subprocess.DEVNULL, count=2)
     assert len(workers) == 2, "render workers not found"
     proc.kill()
     proc.wait(timeout=30)
