@@ -1,16 +1,13 @@
 """Which dataset a folder is, and whether a file changed: two folders with one name, a re-pointed
 symlinked root, a folder moved, and content edited behind an unchanged size and mtime."""
 
-import json
 import os
 import shutil
 
-import pytest
 from typer.testing import CliRunner
 
 from m3d.cli import app
 from m3d.dataset import point_id
-from m3d.errors import UsageError
 from m3d.pipeline import SyncOptions, sync
 from m3d.store import open_session
 

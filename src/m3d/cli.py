@@ -11,9 +11,13 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
+
+if TYPE_CHECKING:  # rich is imported where it prints: `m3d --help` stays instant
+    from rich.table import Table
+    from rich.text import Text
 
 from .errors import M3DError, UsageError, no_space, one_line, printable
 
@@ -125,7 +129,7 @@ def _table(title: str, rows: list[dict]):
     return table
 
 
-def _records(table) -> "Text":
+def _records(table: Table) -> Text:
     """A table too wide for the terminal, as one block per row (`key: value` lines): cut cells say nothing."""
     from rich.text import Text
 
