@@ -1,8 +1,9 @@
 """Measure (and refit) the auto up axis on labelled LPSB meshes: python benchmarks/orientation.py [--fit]
 
-Per-object accuracy (the mesh's own evidence) on every labelled mesh presented in all six axis
-conventions, held-out accuracy of fits on half the classes (the other half scored), and the dataset
-consensus on LPSB as it is (mixed conventions) and on LPSB made consistent in each convention.
+Per-object accuracy on every labelled mesh presented in all six axis conventions, from the shape alone
+and with the file conventions' prior (what a lone `m3d render FILE` does); held-out accuracy of fits on
+half the classes (the other half scored); and the dataset consensus on LPSB as it is (mixed
+conventions) and on LPSB made consistent in each convention.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 from m3d.meshio import Mesh, load_mesh  # noqa: E402
 from m3d.orientation import (  # noqa: E402
-    AXIS_ROTATIONS, DIRECTIONS, FEATURE_MEAN, FEATURE_STD, FEATURES, WEIGHTS, consensus, features, log_softmax,
+    AXIS_ROTATIONS, DIRECTIONS, EVIDENCE_WEIGHT, FEATURE_MEAN, FEATURE_STD, FEATURES, WEIGHTS, consensus,
+    convention_prior, features, log_softmax,
 )
 
 
@@ -85,10 +87,17 @@ def main() -> None:
         return float(np.mean([((x[c] @ w).argmax(1) == y[c])[mask if mask is not None else slice(None)].mean()
                               for c in DIRECTIONS]))
 
+    alone = np.log(convention_prior())  # a single file of no known format: shape + the conventions
+
+    def with_conventions(w, feats, mask=slice(None)):
+        return (alone + EVIDENCE_WEIGHT * log_softmax(feats[mask] @ w)).argmax(1)
+
     # held out: fit on half the classes (all six conventions), score the other half
     rng = np.random.default_rng(0)
     names = sorted(set(classes))
-    held, held_dataset, held_consistent = [], [], []
+    held, held_dataset, held_alone = [], [], []
+    held_consistent: dict[str, list[float]] = {c: [] for c in DIRECTIONS}
+    held_alone_conv: dict[str, list[float]] = {c: [] for c in DIRECTIONS}
     as_is_x = (as_is_raw - mean) / std * keep
     true_idx = np.array([DIRECTIONS.index(truth[k]) for k in meshes])
     for _ in range(args.splits):
@@ -96,14 +105,18 @@ def main() -> None:
         m = np.array([c in train for c in classes])
         w = fit(np.concatenate([x[c][m] for c in DIRECTIONS]), np.concatenate([y[c][m] for c in DIRECTIONS]))
         held.append(accuracy(w, ~m))
+        held_alone.append(float(np.mean(with_conventions(w, as_is_x, ~m) == true_idx[~m])))
+        for conv in DIRECTIONS:
+            held_alone_conv[conv].append(float(np.mean(with_conventions(w, x[conv], ~m) == y[conv][~m])))
         ev = log_softmax(as_is_x[~m] @ w)  # the held-out classes as one mixed dataset, as they are
         c = consensus(ev)
         held_dataset.append(float(np.mean([DIRECTIONS.index(c.choose(e)[0]) == t for e, t in zip(ev, true_idx[~m])])))
         for conv in DIRECTIONS:  # the held-out classes made consistent in each convention
             ev = log_softmax(x[conv][~m] @ w)
             c = consensus(ev)
-            held_consistent.append(float(np.mean([c.choose(e)[0] == conv for e in ev])))
+            held_consistent[conv].append(float(np.mean([c.choose(e)[0] == conv for e in ev])))
     per_convention = {c: float(((x[c] @ weights).argmax(1) == y[c]).mean()) for c in DIRECTIONS}
+
     # the dataset step: LPSB as it is (mixed), and made consistent in each convention
     as_is = log_softmax(as_is_x @ weights)
     cons = consensus(as_is)
@@ -120,10 +133,20 @@ def main() -> None:
         "object_accuracy_all_conventions": float(np.mean(list(per_convention.values()))),
         "object_accuracy_per_convention": per_convention,
         "object_accuracy_per_class": {n: accuracy(weights, classes == n) for n in names},
+        "object_with_conventions": {
+            "as_is": float(np.mean(with_conventions(weights, as_is_x) == true_idx)),
+            "per_convention": {c: float(np.mean(with_conventions(weights, x[c]) == y[c])) for c in DIRECTIONS},
+            "per_class_as_is": {n: float(np.mean((with_conventions(weights, as_is_x) == true_idx)[classes == n]))
+                                for n in names}},
         "held_out_half_classes": {"mean": float(np.mean(held)), "min": float(np.min(held)),
                                   "max": float(np.max(held)), "splits": args.splits,
+                                  "alone_with_conventions_as_is": float(np.mean(held_alone)),
+                                  "alone_with_conventions_per_convention": {
+                                      c: float(np.mean(v)) for c, v in held_alone_conv.items()},
                                   "with_consensus_as_is": float(np.mean(held_dataset)),
-                                  "with_consensus_consistent": float(np.mean(held_consistent))},
+                                  "with_consensus_consistent": float(np.mean(list(held_consistent.values()))),
+                                  "with_consensus_consistent_per_convention": {
+                                      c: float(np.mean(v)) for c, v in held_consistent.items()}},
         "lpsb_as_is": {"majority": cons.majority, "prior": cons.to_payload()["prior"], "accuracy": mixed,
                        "object_only_accuracy": float(np.mean([DIRECTIONS[int(e.argmax())] == truth[k]
                                                               for e, k in zip(as_is, meshes)]))},

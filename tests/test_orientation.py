@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from m3d.meshio import Mesh, load_mesh
-from m3d.orientation import DIRECTIONS, consensus, evidence, pose
+from m3d.orientation import DIRECTIONS, consensus, convention_prior, evidence, pose
 from m3d.pipeline import SyncOptions, sync
 from m3d.render import ViewSettings, create_renderer, posed
 from m3d.search import query
@@ -75,15 +75,16 @@ def _wide_and_low(sil: np.ndarray) -> bool:
     return (cols.max() - cols.min()) > 1.3 * (rows.max() - rows.min())
 
 
-def test_modelnet_samples_lie_flat_with_default_settings():
-    """ModelNet is z-up: a bed and an airplane alone (no dataset) come out wide and low in most views,
-    where the old fixed +y ring showed the bed on its end and the airplane from above and below."""
+def test_modelnet_samples_stand_upright_with_default_settings():
+    """ModelNet is z-up: a bed and an airplane alone (no dataset) are turned +z up and come out wide and
+    low in most views, where the old fixed +y ring showed the bed on its end and the airplane from above
+    and below. (The airplane's shape alone points -z; the file conventions' prior turns it right way up.)"""
     if not MODELNET.is_dir():
         pytest.skip("modelnet samples not found")
     view = ViewSettings(views=8, size=96)
-    for name, ups in (("bed/train/bed_0001.off", {"z"}), ("airplane/train/airplane_0003.off", {"z", "-z"})):
+    for name in ("bed/train/bed_0001.off", "airplane/train/airplane_0003.off"):
         mesh = load_mesh(MODELNET / name)
-        assert pose(mesh, view).up in ups, name
+        assert pose(mesh, view, suffix=".off").up == "z", name
         assert sum(map(_wide_and_low, _silhouettes(mesh, view))) >= 6, name
         assert sum(map(_wide_and_low, _silhouettes(mesh, ViewSettings(views=8, size=96, up="y")))) <= 4, name
 
@@ -97,12 +98,28 @@ def test_consensus_flat_for_one_object_peaked_for_agreeing_ones():
     sphere = np.log(np.full(6, 1 / 6))  # no evidence either way
     confident_x = np.log(np.array([1 - 5e-12, 1e-12, 1e-12, 1e-12, 1e-12, 1e-12]))
     c = consensus(list(agreeing) + [sphere, confident_x])
-    assert c.majority == "z" and c.prior[z] > 0.8
+    assert c.majority == "z" and c.prior[z] > 0.6
     assert c.choose(sphere) == ("z", "dataset")  # ambiguous: the dataset's convention
     assert c.choose(confident_x)[0] == "x"  # overwhelming own evidence still wins
     mixed = consensus([confident_x, _roll(confident_x, 2), _roll(confident_x, 4)])
     assert [mixed.choose(e)[0] for e in (confident_x, _roll(confident_x, 2), _roll(confident_x, 4))] == ["x", "y", "z"]
-    assert np.allclose(consensus([sphere]).prior, 1 / 6)  # alone: own evidence only
+    alone = consensus([sphere]).prior  # alone: the file conventions, positive axes alike
+    assert np.allclose(alone, convention_prior(".off")) and alone[z] == alone[DIRECTIONS.index("y")] > 10 * alone[z + 1]
+    assert consensus([sphere], [".glb"]).choose(sphere)[0] == "y"  # glTF says +Y up
+
+
+def test_a_dataset_stored_upside_down_keeps_its_own_convention():
+    """The conventions' prior turns a lone ambiguous file right way up, but a dataset whose objects agree
+    on -z (files stored upside down throughout) is not overruled by it."""
+    rng = np.random.default_rng(1)
+    minus_z = DIRECTIONS.index("-z")
+    agreeing = np.log(np.full((30, 6), 0.1))
+    agreeing[:, minus_z] = np.log(0.5)
+    agreeing += rng.normal(0, 0.1, agreeing.shape)
+    c = consensus(agreeing)
+    assert c.majority == "-z"
+    assert all(c.choose(e)[0] == "-z" for e in agreeing)
+    assert consensus(agreeing[:1]).choose(agreeing[0])[0] != "-z"  # one such file alone: the prior wins
 
 
 def _roll(ev: np.ndarray, k: int) -> np.ndarray:

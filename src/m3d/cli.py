@@ -523,7 +523,7 @@ def render(
     view = ViewSettings(views=views, elevation=elevation, size=size, renderer=renderer, up=up, layout=layout,
                         align=align)
     loaded = load_named(mesh)
-    placed = pose(loaded, view)
+    placed = pose(loaded, view, suffix=mesh.suffix)
     engine = create_renderer(view)
     try:
         save_strip(engine.render(posed(loaded, placed.rotation)), output)

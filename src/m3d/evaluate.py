@@ -293,7 +293,7 @@ def rotation_robustness(session: Session, names: list[str], *, objects: int, see
     for (_, view), members in groups.items():
         fp = session.fingerprint(members[0])
         payloads = {r.id: r.payload for r in session.vectors.records(members[0], fields=["class", "path", "dataset", "pose"])}
-        dataset = stored_consensus([p.get("pose") for p in payloads.values()]) if view.up == "auto" else None
+        dataset = stored_consensus(payloads.values()) if view.up == "auto" else None
         rng = np.random.default_rng(seed)
         ids = sorted(payloads)
         chosen = [ids[i] for i in np.sort(rng.choice(len(ids), size=min(objects, len(ids)), replace=False))]
@@ -308,7 +308,8 @@ def rotation_robustness(session: Session, names: list[str], *, objects: int, see
                     continue
                 stored = np.asarray((payloads[pid].get("pose") or {}).get("rotation", np.eye(3)), dtype=np.float64)
                 turned = posed(load_mesh(path), random_rotation(rng, rotation, stored))
-                per_view[pid] = encoder.encode(renderer.render(posed(turned, pose(turned, view, dataset).rotation)))
+                placed = pose(turned, view, dataset, suffix=path.suffix)
+                per_view[pid] = encoder.encode(renderer.render(posed(turned, placed.rotation)))
         finally:
             renderer.close()
         for name in members:

@@ -9,17 +9,20 @@ takes a mesh into the cameras' frame, with where it came from:
 - ``dataset``: ``--up auto`` where the dataset's consensus decided (objects of one convention);
 - ``pca``: ``--align pca``, principal axes with a deterministic sign rule (for arbitrarily rotated data).
 
-Auto up, in two steps. Evidence: for each of the six axis directions, a few shape measurements of the
-object as if that direction were up (flat convex-hull base, base under the centroid, top-bottom
-asymmetry, a wide bottom slab against a narrow top, where the centre of mass sits), combined by a
-conditional-logit model fitted on LPSB meshes labelled by eye (benchmarks/orientation.py refits it and
-measures it on held-out classes) into a log-probability per direction. Consensus: the dataset's prior
-over the six directions, estimated by EM from all its objects' evidence; each object then takes the
-direction with the highest prior x evidence. Where the objects agree (ModelNet: +z) the prior is peaked
-and every object, ambiguous ones included, gets the dataset's convention unless its own evidence is
-overwhelming; on a mixed library the prior is flat and each object stands on its own evidence. The
-features are equivariant (rotating a mesh by an axis permutation permutes its evidence the same way),
-so a mesh in any of the six conventions gets the same pose.
+Auto up, in three parts. Evidence: for each of the six axis directions, a few shape measurements of
+the object as if that direction were up (flat convex-hull base, base under the centroid, top-bottom
+asymmetry, a wide bottom slab against a narrow top, where the centre of mass sits, a round plan),
+combined by a conditional-logit model fitted on LPSB meshes labelled by eye (benchmarks/orientation.py
+refits it and measures it on held-out classes) into a log-probability per direction. The features are
+equivariant (rotating a mesh by an axis permutation permutes its evidence the same way), so the shape
+alone says the same of a mesh in any of the six conventions. Conventions: before any shape is seen,
+files are up along +x, +y or +z (upside-down files are rare) and a glTF file along +Y, its spec's axis.
+Consensus: the dataset's prior over the six directions, a MAP estimate by EM from all its objects'
+evidence with the conventions as a few pseudo-objects; each object then takes the direction with the
+highest prior x (tempered) evidence. Where the objects agree (ModelNet: +z) the prior is peaked and
+every object, ambiguous ones included, gets the dataset's convention unless its own evidence is
+overwhelming; on a mixed library the prior is spread and each object leans on its own evidence; a lone
+file gets the conventions as its prior.
 
 Every rotation here is a pure axis permutation with signs (or, for pca, an orthonormal basis): the mesh
 keeps its centre and its size, so framing does not change.
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
@@ -98,7 +101,7 @@ def pca_rotation(mesh: Mesh) -> np.ndarray:
 
 #: The six candidate up directions, in the order of every evidence vector.
 DIRECTIONS = ("x", "-x", "y", "-y", "z", "-z")
-FEATURES = ("base", "top", "stable", "com", "asym", "slab")
+FEATURES = ("base", "top", "stable", "com", "asym", "slab", "iso")
 SAMPLES = 3000  # surface samples for the symmetry and slab measurements (fixed seed: deterministic)
 SLAB = 0.08  # bottom/top slab thickness, fraction of the extent along the direction
 BASE_DEGREES = 10.0  # hull faces within this angle of straight down form the base
@@ -106,15 +109,28 @@ BASE_DEGREES = 10.0  # hull faces within this angle of straight down form the ba
 # the README's up-axis table; held-out figures come from fits on half the classes). The object's
 # extent along the axis was tried and dropped: it encodes the labelled classes' proportions (tall
 # people and vases), not orientation, and did not help on held-out classes (0.42 vs 0.43).
-FEATURE_MEAN = np.array([0.04777, 0.04777, 0.4621, 0.5, 0.09313, 0.0])
-FEATURE_STD = np.array([0.07476, 0.07476, 0.4986, 0.0939, 0.06363, 0.2812])
-WEIGHTS = np.array([0.4412, -0.381, 0.6581, 0.8023, 0.9775, 0.4913])
+FEATURE_MEAN = np.array([0.0448, 0.0448, 0.4436, 0.5, 0.09415, 0, 0.384])
+FEATURE_STD = np.array([0.07164, 0.07164, 0.4968, 0.08942, 0.06184, 0.2767, 0.2768])
+WEIGHTS = np.array([0.4475, -0.3622, 0.5529, 0.8033, 0.9893, 0.5257, 0.8337])
 PRIOR_FLOOR = 0.01  # no direction's prior goes to zero: strong enough evidence can always win
-# An object's evidence counts a quarter as much as the dataset's prior when it chooses: the fitted
-# model is over-confident on classes it has not seen (held-out accuracy 0.43 against 0.61 in sample).
-# benchmarks/orientation.py, held-out classes as a mixed / a consistent dataset (and LPSB as it is, in
-# sample): weight 1.0 -> 0.56 / 0.63 (0.83); 0.5 -> 0.60 / 0.70 (0.85); 0.25 -> 0.65 / 0.76 (0.875);
-# 0.1 -> 0.68 / 0.85 (0.74: a mixed library then gets its majority everywhere).
+# What is up before any shape is seen. Files are almost never stored upside down (3 of the 207
+# labelled LPSB meshes; every convention in the wild is +x, +y or +z), so each negative direction
+# starts at a twentieth of a positive one: the ModelNet airplane sample, whose shape alone points
+# -z, then comes out +z. A format that names its up axis is believed first: glTF's spec says +Y,
+# and exporters that ignore it keep a quarter of the weight on the other axes.
+NEGATIVE = 0.05
+CONVENTIONS: dict[str, tuple[float, ...]] = {  # file suffix -> weights in DIRECTIONS order
+    "": (1.0, NEGATIVE, 1.0, NEGATIVE, 1.0, NEGATIVE),
+    ".glb": (0.25, NEGATIVE, 1.0, NEGATIVE, 0.25, NEGATIVE),
+    ".gltf": (0.25, NEGATIVE, 1.0, NEGATIVE, 0.25, NEGATIVE),
+}
+# The conventions count as this many objects in a dataset's consensus: a handful of files leans on
+# them, a dataset stored upside down throughout (hundreds of objects) still finds its own majority.
+CONVENTION_OBJECTS = 2.0
+# An object's evidence counts a quarter as much as the dataset's prior, in the EM as when it chooses:
+# the fitted model is over-confident on classes it has not seen (held-out accuracy 0.45 against 0.63
+# in sample). Held out (benchmarks/orientation.py splits), a mixed / a consistent +axis dataset:
+# weight 0.25 -> 0.64 / 0.89; 0.5 -> 0.61 / 0.78; the full weight in the EM (as before) 0.60 / 0.80.
 EVIDENCE_WEIGHT = 0.25
 EM_ROUNDS = 20
 
@@ -157,6 +173,7 @@ def features(mesh: Mesh) -> np.ndarray:
     v = np.asarray(mesh.vertices, dtype=np.float64)
     points = surface_samples(mesh)
     centroid = points.mean(axis=0)
+    cov = np.cov((points - centroid).T)
     try:
         hull = ConvexHull(v)
         normals, tri = hull.equations[:, :3], v[hull.simplices]
@@ -184,7 +201,9 @@ def features(mesh: Mesh) -> np.ndarray:
         mirrored = points.copy()
         mirrored[:, axis] = 2 * centre[axis] - mirrored[:, axis]
         asym = float(tree.query(mirrored)[0].mean())
-        out[row] = [base[direction], 0.0, stable, (sign * centroid[axis] - lo) / extent, asym, slab]
+        spread = np.linalg.eigvalsh(cov[np.ix_(flat, flat)])  # ascending
+        iso = float(spread[0] / max(spread[1], 1e-12))  # 1: round in plan (a vase, a cup), 0: a line
+        out[row] = [base[direction], 0.0, stable, (sign * centroid[axis] - lo) / extent, asym, slab, iso]
     for row, direction in enumerate(DIRECTIONS):  # the opposite direction's base is this one's top
         out[row, 1] = base[direction[1:] if direction.startswith("-") else "-" + direction]
     return out
@@ -239,28 +258,39 @@ class Consensus:
                 "prior": {d: round(float(p), 4) for d, p in zip(DIRECTIONS, self.prior)}}
 
 
-def consensus(evidences: list[np.ndarray] | np.ndarray) -> Consensus:
-    """EM for the prior: start flat, alternate per-object posteriors and their mean. A floor keeps
-    every direction possible. One object (or none) gives the flat prior: its own evidence decides."""
+def convention_prior(suffix: str = "") -> np.ndarray:
+    """(6,) the prior over up directions for a file with this suffix (".glb", ".off", ...)."""
+    weights = np.asarray(CONVENTIONS.get(suffix.lower(), CONVENTIONS[""]), dtype=np.float64)
+    return weights / weights.sum()
+
+
+def consensus(evidences: list[np.ndarray] | np.ndarray, suffixes: list[str] | None = None) -> Consensus:
+    """EM for the dataset's prior (a MAP estimate): start from the files' conventions, alternate
+    per-object posteriors and their sum plus the conventions counted as CONVENTION_OBJECTS objects. A
+    floor keeps every direction possible. One object (or none) gets its file's convention prior."""
     ev = np.asarray(evidences, dtype=np.float64).reshape(-1, len(DIRECTIONS))
-    prior = np.full(len(DIRECTIONS), 1.0 / len(DIRECTIONS))
+    suffixes = suffixes if suffixes is not None else [""] * len(ev)
+    base = np.mean([convention_prior(s) for s in suffixes], axis=0) if len(ev) else convention_prior()
+    prior = base
     if len(ev) > 1:
         for _ in range(EM_ROUNDS):
-            post = np.exp(log_softmax(np.log(prior) + ev))
-            prior = (post.mean(axis=0) + PRIOR_FLOOR) / (1 + len(DIRECTIONS) * PRIOR_FLOOR)
+            post = np.exp(log_softmax(np.log(prior) + EVIDENCE_WEIGHT * ev))  # as Consensus.choose weighs it
+            prior = (post.sum(axis=0) + CONVENTION_OBJECTS * base) / (len(ev) + CONVENTION_OBJECTS)
+            prior = (prior + PRIOR_FLOOR) / (1 + len(DIRECTIONS) * PRIOR_FLOOR)
     return Consensus(prior, len(ev))
 
 
 def pose(mesh: Mesh, view: ViewSettings, dataset: Consensus | None = None,
-         object_evidence: np.ndarray | None = None) -> Pose:
+         object_evidence: np.ndarray | None = None, suffix: str = "") -> Pose:
     """The pose the view settings ask for, for one mesh; with ``up="auto"`` the dataset's consensus
-    (None: the mesh's own evidence alone) and the mesh's evidence (computed when not given)."""
+    (None: the mesh's own evidence and its file format's convention) and the mesh's evidence
+    (computed when not given)."""
     if view.align == "pca":
         return Pose(pca_rotation(mesh), "pca", "pca")
     if view.up != "auto":
         return Pose(AXIS_ROTATIONS[view.up], view.up, "given")
     ev = evidence(mesh) if object_evidence is None else object_evidence
-    up, source = (dataset or consensus([ev])).choose(ev)
+    up, source = (dataset or consensus([ev], [suffix])).choose(ev)
     return Pose(AXIS_ROTATIONS[up], up, source, ev)
 
 
@@ -298,7 +328,9 @@ def measure_files(paths: list[Path], max_faces: int, workers: int) -> list[np.nd
         return list(pool.map(partial(measure, max_faces=max_faces), paths, chunksize=8))
 
 
-def stored_consensus(poses: list[dict | None]) -> Consensus | None:
-    """The consensus of stored objects, from the evidence their "pose" payloads kept (None if none did)."""
-    found = [p["evidence"] for p in poses if p and p.get("evidence")]
-    return consensus(found) if found else None
+def stored_consensus(payloads: Iterable[dict]) -> Consensus | None:
+    """The consensus of stored objects, from the evidence their "pose" payloads kept and the suffix of
+    their "path" (None if no payload kept evidence)."""
+    found = [(p["pose"]["evidence"], Path(p.get("path") or "").suffix) for p in payloads
+             if (p.get("pose") or {}).get("evidence")]
+    return consensus([e for e, _ in found], [s for _, s in found]) if found else None

@@ -80,12 +80,13 @@ def render_views(mesh_path: Path, fp: Fingerprint, stored_pose: dict | None = No
     """A mesh rendered exactly as the collection's objects were: with the rotation a stored object
     recorded (stored_pose), or, for a new mesh, the pose the collection's rule gives it (with --up
     auto: its own evidence under the collection's consensus, `dataset`)."""
-    return render_mesh(load_named(mesh_path), fp, stored_pose, dataset)
+    return render_mesh(load_named(mesh_path), fp, stored_pose, dataset, suffix=mesh_path.suffix)
 
 
 def render_mesh(mesh: Mesh, fp: Fingerprint, stored_pose: dict | None = None,
-                dataset: Consensus | None = None) -> np.ndarray:
-    rotation = np.asarray(stored_pose["rotation"]) if stored_pose else pose(mesh, fp.view, dataset).rotation
+                dataset: Consensus | None = None, suffix: str = "") -> np.ndarray:
+    rotation = (np.asarray(stored_pose["rotation"]) if stored_pose
+                else pose(mesh, fp.view, dataset, suffix=suffix).rotation)
     renderer = create_renderer(fp.view)
     try:
         return renderer.render(posed(mesh, rotation))
@@ -95,7 +96,7 @@ def render_mesh(mesh: Mesh, fp: Fingerprint, stored_pose: dict | None = None,
 
 def collection_consensus(session: Session, name: str) -> Consensus | None:
     """The up-axis consensus of a collection's objects (auto collections keep each object's evidence)."""
-    return stored_consensus([rec.payload.get("pose") for rec in session.vectors.records(name, fields=["pose"])])
+    return stored_consensus(rec.payload for rec in session.vectors.records(name, fields=["pose", "path"]))
 
 
 def image_view(image_path: Path, size: int) -> np.ndarray:

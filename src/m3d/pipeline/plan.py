@@ -206,7 +206,8 @@ def plan_orientation(plan: Plan, files: list[MeshFile], known: dict[str, dict[st
     for file in files:
         if file.point_id not in queued and file.point_id in stored:
             evidence[file.point_id] = np.asarray(stored[file.point_id]["evidence"], dtype=np.float64)
-    dataset = consensus(list(evidence.values()))
+    suffixes = {f.point_id: f.path.suffix for f in files} | {t.id: t.file.path.suffix for t in plan.tasks}
+    dataset = consensus(list(evidence.values()), [suffixes[pid] for pid in evidence])
     decided = {pid: Decision(*dataset.choose(ev), tuple(float(x) for x in ev)) for pid, ev in evidence.items()}
     plan.tasks = [replace(t, up=decided.get(t.id)) for t in plan.tasks]
     every = frozenset(target.encoder.name for target in targets.values())
