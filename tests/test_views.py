@@ -132,7 +132,8 @@ def test_fingerprint_holds_the_view_and_reads_old_points():
     legacy = Fingerprint.from_payload(old)
     assert (legacy.view.up, legacy.view.layout, legacy.view.align) == ("y", "ring", "none") == tuple(LEGACY_VIEW.values())
     assert legacy.matches(old) and not fp.matches(old)
-    assert set(fp.differences(legacy)) == {"views: 8 -> 12", "up: 'y' -> 'z'", "layout: 'ring' -> 'sphere'"}
+    assert set(fp.differences(legacy)) == {"views: 8 -> 12", "elevation: 20.0 -> None", "up: 'y' -> 'z'",
+                                           "layout: 'ring' -> 'sphere'"}
 
 
 def test_a_store_written_before_view_settings_keeps_working(lpsb, tmp_path):
@@ -177,6 +178,22 @@ def test_a_store_written_before_view_settings_keeps_working(lpsb, tmp_path):
         assert (fp.view.layout, fp.view.views) == ("sphere", 6)
         stored = next(iter(session.vectors.records("m3d_hog_mean"))).payload
         assert stored["pose"]["up"] == "y" and np.allclose(stored["pose"]["rotation"], np.eye(3))
+
+
+def test_the_sphere_has_no_elevation_and_its_first_points_still_match():
+    """The sphere ignores the ring's elevation, so it neither takes one nor records one: asking for one is
+    a usage error, and points written when sphere collections still recorded elevation 20 match."""
+    from m3d.errors import UsageError
+
+    with pytest.raises(UsageError, match="--elevation is for the ring only"):
+        ViewSettings(layout="sphere", elevation=30)
+    assert ViewSettings().elevation == 20.0 and ViewSettings(layout="sphere").elevation is None
+    fp = Fingerprint("hog", "hog", "mean", ViewSettings(layout="sphere", views=12, up="y"))
+    assert fp.to_payload()["elevation"] is None
+    first = {**fp.to_payload(), "elevation": 20.0}  # as the first sphere collections stored it
+    assert fp.matches(first) and Fingerprint.from_payload(first) == fp
+    ring = Fingerprint("hog", "hog", "mean", ViewSettings(views=12, up="y"))
+    assert not ring.matches({**ring.to_payload(), "elevation": 30.0})  # the ring's elevation still counts
 
 
 def _write_off(path, vertices, faces):

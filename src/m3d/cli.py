@@ -57,7 +57,7 @@ KeyOpt = Annotated[Optional[str], typer.Option("--qdrant-api-key", envvar="QDRAN
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 # View settings shared by sync and render (one ViewSettings value; validated there).
 ViewsOpt = Annotated[int, typer.Option(min=1, help="Cameras (ring: around the up axis; sphere: spread over the sphere).")]
-ElevationOpt = Annotated[float, typer.Option(help="Ring camera elevation in degrees.")]
+ElevationOpt = Annotated[Optional[float], typer.Option(help="Ring camera elevation in degrees [default: 20; the sphere layout has none].")]
 SizeOpt = Annotated[int, typer.Option(min=16, help="Render size in pixels (square).")]
 RendererOpt = Annotated[str, typer.Option(help="moderngl (EGL; Mesa on CPU, NVIDIA on GPU) or raycast (Open3D, no GL).")]
 UpOpt = Annotated[str, typer.Option(help="Mesh axis that is up: x, y, z, -x, -y, -z, or auto (decided from each object and its dataset).")]
@@ -125,7 +125,8 @@ def _table(title: str, rows: list[dict]):
         table.add_column(str(key), justify="right" if isinstance(rows[0][key], (int, float)) else "left",
                          no_wrap=i == 0)  # the first column names the row: never cut it
     for row in rows:
-        table.add_row(*[Text(f"{v:.4f}" if isinstance(v, float) else printable(v)) for v in row.values()])
+        table.add_row(*[Text("-" if v is None else f"{v:.4f}" if isinstance(v, float) else printable(v))
+                        for v in row.values()])  # None: a setting that does not apply (a sphere's elevation)
     return table
 
 
@@ -168,7 +169,7 @@ def sync(
     encoders: Annotated[str, typer.Option(help="Comma-separated: clip, dinov2, hog (weight-free), a Hugging Face id or a local checkpoint directory.")] = "clip,dinov2",
     pools: Annotated[str, typer.Option(help="Comma-separated pools: mean, max, attn.")] = "mean,max,attn",
     views: ViewsOpt = 8,
-    elevation: ElevationOpt = 20.0,
+    elevation: ElevationOpt = None,
     size: SizeOpt = 224,
     renderer: RendererOpt = "moderngl",
     up: UpOpt = "auto",
@@ -508,7 +509,7 @@ def render(
     mesh: Annotated[Path, typer.Argument(help="A mesh file")],
     output: Annotated[Path, typer.Option("-o", "--output", help="PNG strip of all views.")] = Path("strip.png"),
     views: ViewsOpt = 8,
-    elevation: ElevationOpt = 20.0,
+    elevation: ElevationOpt = None,
     size: SizeOpt = 224,
     renderer: RendererOpt = "moderngl",
     up: UpOpt = "auto",

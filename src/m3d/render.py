@@ -49,18 +49,23 @@ DEFAULT_UP = "auto"
 ALIGNS = ("none", "pca")
 
 
+RING_ELEVATION = 20.0  # degrees: the reference's ring
+
+
 @dataclass(frozen=True)
 class ViewSettings:
     """Everything that decides what the cameras see, as one value (the fingerprint holds it whole).
 
     ``layout`` places the ``views`` cameras (``ring``: a horizontal ring at ``elevation`` degrees about
-    the up axis; ``sphere``: spread evenly over the whole sphere); ``up`` is the mesh axis turned to the
+    the up axis, RING_ELEVATION unless given; ``sphere``: spread evenly over the whole sphere, so it has
+    no elevation and refuses one: a setting that changes nothing must not split collections or
+    fingerprints); ``up`` is the mesh axis turned to the
     cameras' up before rendering; ``align`` ``pca``
     poses the mesh by its principal axes instead (for arbitrarily rotated data).
     """
 
     views: int = 8
-    elevation: float = 20.0
+    elevation: float | None = None  # ring only; None: RING_ELEVATION
     size: int = 224
     renderer: str = "moderngl"
     up: str = DEFAULT_UP
@@ -70,14 +75,19 @@ class ViewSettings:
     def __post_init__(self) -> None:
         if int(self.views) != self.views or self.views < 1:
             raise UsageError(f"views must be a positive integer, got {self.views!r}")
-        if not -90.0 <= float(self.elevation) <= 90.0:
-            raise UsageError(f"elevation must be within [-90, 90] degrees, got {self.elevation!r}")
         if int(self.size) != self.size or not 8 <= self.size <= 8192:
             raise UsageError(f"image size must be an integer in [8, 8192], got {self.size!r}")
         for name, value, choices in (("renderer", self.renderer, RENDERERS), ("up", self.up, UP_CHOICES),
                                      ("layout", self.layout, LAYOUTS), ("align", self.align, ALIGNS)):
             if value not in choices:
                 raise UsageError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+        if self.layout == "ring" and self.elevation is None:
+            object.__setattr__(self, "elevation", RING_ELEVATION)  # frozen: settled once, here
+        if self.layout != "ring" and self.elevation is not None:
+            raise UsageError(f"--layout {self.layout} spreads its cameras over the whole sphere: "
+                             f"--elevation is for the ring only")
+        if self.elevation is not None and not -90.0 <= float(self.elevation) <= 90.0:
+            raise UsageError(f"elevation must be within [-90, 90] degrees, got {self.elevation!r}")
         if self.align != "none" and self.up != DEFAULT_UP:
             raise UsageError(f"--align {self.align} sets the whole pose itself: leave --up at {DEFAULT_UP}")
 

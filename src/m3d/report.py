@@ -837,7 +837,7 @@ def _write_html(session: Session, results: list[CollectionEval], out_dir: Path, 
         body = [list(row.values()) + [r.latency_ms.get(e, {}).get(p, "") for e, p in lat_cols]
                 for row, r in zip(rows, results)]
         out.append(_table(headers, body, best_row=results.index(best) if best else None))
-        settings = [[name, fp.model_id, fp.pool, fp.view.layout, fp.view.views, f"{fp.view.elevation:g}", fp.view.up,
+        settings = [[name, fp.model_id, fp.pool, fp.view.layout, fp.view.views, "-" if fp.view.elevation is None else f"{fp.view.elevation:g}", fp.view.up,
                      fp.view.align, fp.view.size, fp.view.renderer] for name, fp in prints.items() if fp is not None]
         if settings:
             out.append("<p>Pipeline settings (the renders below use exactly these):</p>")

@@ -47,10 +47,13 @@ class Fingerprint:
     def from_payload(cls, data: dict) -> "Fingerprint":
         """Read a stored fingerprint; settings added after it was written take their LEGACY_VIEW value."""
         view = {field: data.get(key, LEGACY_VIEW.get(field)) for field, key in VIEW_KEYS.items()}
-        missing = [VIEW_KEYS[f] for f, v in view.items() if v is None]
+        if view["layout"] != "ring":  # the sphere has no elevation (its first points recorded the ring's)
+            view["elevation"] = None
+        missing = [VIEW_KEYS[f] for f, v in view.items() if v is None and not (f == "elevation" and view["layout"] != "ring")]
         if missing:
             raise StoreError(f"stored pipeline fingerprint lacks {', '.join(missing)}")
-        view["elevation"] = float(view["elevation"])
+        if view["elevation"] is not None:
+            view["elevation"] = float(view["elevation"])
         return cls(encoder=data["encoder"], model_id=data["model_id"], pool=data["pool"], view=ViewSettings(**view))
 
     def differences(self, other: "Fingerprint") -> list[str]:
