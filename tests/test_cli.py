@@ -77,10 +77,12 @@ def test_info_check_eval_render(synced, tmp_path):
     rows = json.loads(ev.stdout)
     assert {r["collection"] for r in rows} == {"m3d_hog_max", "m3d_hog_mean"}
     assert (out_dir / "eval.csv").read_text().splitlines()[0].startswith("collection,objects,classes,p@5,p@10,map")
-    strip = tmp_path / "strip.png"
+    strip = tmp_path / ("a-long-folder-name-" * 4) / "strip.png"  # the message is wider than 80 columns
+    strip.parent.mkdir()
     rendered = runner.invoke(app, ["render", str(tree / "Bird" / "train" / "242.off"), "-o", str(strip), "--views", "4"])
     assert rendered.exit_code == 0, rendered.output
     assert Image.open(strip).size == (4 * 224, 224)
+    assert f"wrote {strip} (4 views on a ring" in rendered.stdout  # one line: never cut mid-path
 
 
 def test_unknown_encoder_and_pool_are_clear(synced, tmp_path):

@@ -146,7 +146,8 @@ def _print(obj) -> None:
     """A table, or plain text line by line (never markup: every message may carry user text).
 
     A table wider than the terminal is printed whole where nobody reads it at a width (pipes, CI logs)
-    and as one block per row on a terminal, never with its cells cut to an ellipsis."""
+    and as one block per row on a terminal, never with its cells cut to an ellipsis. Text is never
+    broken into lines by rich (a path cut at column 80 cannot be copied or grepped): the terminal wraps."""
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
@@ -159,7 +160,7 @@ def _print(obj) -> None:
             obj = _records(obj)
         else:
             console = Console(width=natural)
-    console.print(obj)
+    console.print(obj, soft_wrap=isinstance(obj, Text))
 
 
 @app.command()
