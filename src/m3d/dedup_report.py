@@ -36,7 +36,7 @@ def plot_nn_histogram(result: DedupResult, path: Path) -> Path:
     panels = [(fig.add_axes((0.08, 0.15, 0.5, 0.7)), min(float(sims.min(initial=t)), t - 0.02), "all objects"),
               (fig.add_axes((0.66, 0.15, 0.32, 0.7)), zoom_lo, f"zoom: {zoom_lo:g} to 1")]
     for ax, lo, label in panels:
-        shown = sims[sims >= lo]
+        shown = np.minimum(sims[sims >= lo], 1.0)  # float32 copies score 1.0000001: past the last bin edge
         if len(shown):
             ax.hist(shown, bins=np.linspace(lo, 1.0, 60), color="#7a8fb8", edgecolor="white", linewidth=0.4)
             ax.set_yscale("log")
