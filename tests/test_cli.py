@@ -85,6 +85,18 @@ def test_info_check_eval_render(synced, tmp_path):
     assert f"wrote {strip} (4 views on a ring" in rendered.stdout  # one line: never cut mid-path
 
 
+@pytest.mark.parametrize("args, message", [
+    (["sync", "--bogus", "x"], "error: No such option: --bogus (options: m3d sync --help)"),
+    (["query", "--k", "0", "x.off"], "error: Invalid value for '--k': Input should be greater than or equal to 1"),
+])
+def test_the_m3d_command_says_a_usage_error_in_one_line(args, message):
+    """The console entry point (what `m3d` runs, not CliRunner): click's usage block is one line, exit 2."""
+    out = subprocess.run([sys.executable, "-c", "import sys; sys.argv[0] = 'm3d'; from m3d.cli import run; run()", *args],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.splitlines() == [out.stderr.strip()], out.stderr
+    assert out.stderr.startswith(message)
+
+
 def test_unknown_encoder_and_pool_are_clear(synced, tmp_path):
     tree, _, _ = synced
     out = runner.invoke(app, ["sync", str(tree), "--encoders", "hog", "--pools", "median", "--store", str(tmp_path / "s")])

@@ -551,3 +551,25 @@ def samples(
 
 if __name__ == "__main__":
     app()
+
+
+def run() -> None:
+    """The `m3d` command. Click's own usage errors (an unknown option, a value of the wrong type) become
+    one line and exit 2, as every m3d error is one line: click would print a usage block around it."""
+    try:  # typer >= 0.20 carries its own copy of click
+        from typer._click import exceptions as click_errors
+    except ImportError:
+        from click import exceptions as click_errors
+
+    try:
+        code = app(standalone_mode=False)
+    except getattr(click_errors, "NoArgsIsHelpError", ()) as exc:  # `m3d` alone: the help, as asked
+        typer.echo(exc.ctx.get_help() if exc.ctx else exc.format_message())
+        sys.exit(2)
+    except click_errors.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx else "m3d"
+        typer.echo(f"error: {printable(one_line(exc.format_message()))} (options: {where} --help)", err=True)
+        sys.exit(2)
+    except click_errors.Abort:  # ctrl-C at a prompt
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
