@@ -98,7 +98,10 @@ def test_the_m3d_command_says_a_usage_error_in_one_line(args, message):
 
 
 def test_unknown_encoder_and_pool_are_clear(synced, tmp_path):
-    tree, _, _ = synced
+    tree, store, _ = synced
+    for command in (["query", str(tree / "Bird" / "train" / "242.off")], ["eval"]):  # a typo is a usage error
+        out = runner.invoke(app, [*command, "--store", str(store), "--collection", "m3d_hog_maen"])
+        assert out.exit_code == 2 and "no collection 'm3d_hog_maen'" in out.stderr and "m3d_hog_mean" in out.stderr
     out = runner.invoke(app, ["sync", str(tree), "--encoders", "hog", "--pools", "median", "--store", str(tmp_path / "s")])
     assert out.exit_code != 0 and "median" in out.stderr and "mean" in out.stderr
     out = runner.invoke(app, ["sync", str(tmp_path / "missing"), "--encoders", "hog", "--store", str(tmp_path / "s")])

@@ -57,9 +57,10 @@ class Session:
         return [c for c in self.vectors.collections() if c.startswith(COLLECTION_PREFIX + "_")]
 
     def require(self, name: str) -> None:
+        """A collection the user named (--collection): a name that is not there is a usage error (exit 2)."""
         if name not in self.collections():
             known = ", ".join(self.collections()) or "none (run m3d sync first)"
-            raise StoreError(f"no collection {name!r} in {self.vectors.location}; collections: {known}")
+            raise UsageError(f"no collection {name!r} in {self.vectors.location}; collections: {known}")
 
     def fingerprint(self, name: str) -> Fingerprint | None:
         """The pipeline settings that produced a collection (read from one of its points)."""
