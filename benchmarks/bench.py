@@ -55,6 +55,7 @@ class TreeSampler(threading.Thread):
         self.peak = 0  # the summed RSS of the tree
         self.peak_processes = 0
         self.peak_root = 0  # the child process alone (the main process of the mode)
+        self.peak_root_private = 0  # the same less file-backed pages (mapped store files, libraries): its own memory
         self.peak_others = 0  # its descendants together (render workers)
         self._halt = threading.Event()
 
@@ -73,13 +74,14 @@ class TreeSampler(threading.Thread):
                 break
             for proc in procs:
                 try:
-                    rss = proc.memory_info().rss
+                    info = proc.memory_info()
                 except psutil.Error:
                     continue
-                total += rss
+                total += info.rss
                 count += 1
                 if proc is root:
-                    own = rss
+                    own = info.rss
+                    self.peak_root_private = max(self.peak_root_private, info.rss - info.shared)
             self.peak_root = max(self.peak_root, own)
             self.peak_others = max(self.peak_others, total - own)
             if total > self.peak:
@@ -115,7 +117,8 @@ def run_mode(name: str, cmd: list[str], out_json: Path | None, env: dict | None 
     else:
         result = json.loads(out_json.read_text()) if out_json else {}
     info = {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": sampler.peak / 2**20, "peak_processes": sampler.peak_processes,
-            "peak_main_mb": sampler.peak_root / 2**20, "peak_workers_mb": sampler.peak_others / 2**20,
+            "peak_main_mb": sampler.peak_root / 2**20, "peak_main_private_mb": sampler.peak_root_private / 2**20,
+            "peak_workers_mb": sampler.peak_others / 2**20,
             "loadavg_before": load_before, "loadavg_after": os.getloadavg()[0], "exit_status": proc.returncode}
     print(f"[bench] {name}: {wall:.1f} s wall, {cpu:.1f} CPU-s, peak {info['peak_rss_mb']:.0f} MB "
           f"({sampler.peak_processes} processes), load {load_before:.1f}->{info['loadavg_after']:.1f}",

@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--src", type=Path, default=HERE.parent / "src", help="the m3d source to run")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "resync")
     parser.add_argument("--sync-args", default="", help="extra sync options, e.g. '--index-threshold 0'")
+    parser.add_argument("--keep", action="store_true", help="keep the tree and store (their folder is printed)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="m3d-resync-"))
@@ -53,24 +54,32 @@ def main() -> None:
         steps["eval"] = run_mode("eval", [*m3d, "eval", "--store", str(store), "--json"], None, env, stdout_json=True)
         steps["cold query"] = run_mode("query", [*m3d, "query", str(other), "--store", str(store), "--json"], None, env,
                                        stdout_json=True)
-        store_mb = sum(f.stat().st_size for f in store.rglob("*") if f.is_file()) / 2**20
+        stats = [f.stat() for f in store.rglob("*") if f.is_file()]
+        store_mb = sum(st.st_size for st in stats) / 2**20
+        allocated_mb = sum(st.st_blocks * 512 for st in stats) / 2**20  # preallocated files are sparse
         objects = steps["sync"]["result"]["discovered"]
         rows = [f"objects: {objects:,} ({args.factor} x {args.data.name}), encoders {args.encoders}, pools {args.pools}, "
-                f"source {args.src}, store {store_mb:.0f} MB", "",
-                "| step | wall s | peak main MB | peak workers MB | load before/after |", "|---|---:|---:|---:|---|"]
+                f"source {args.src}, store {store_mb:.0f} MB ({allocated_mb:.0f} MB allocated)", "",
+                "| step | wall s | CPU s | peak main MB (private) | peak workers MB | load before/after |",
+                "|---|---:|---:|---:|---:|---|"]
         for name, step in steps.items():
-            rows.append(f"| {name} | {step['wall_s']:.1f} | {step['peak_main_mb']:.0f} | {step['peak_workers_mb']:.0f} | "
+            rows.append(f"| {name} | {step['wall_s']:.1f} | {step['cpu_s']:.1f} | {step['peak_main_mb']:.0f} "
+                        f"({step['peak_main_private_mb']:.0f}) | {step['peak_workers_mb']:.0f} | "
                         f"{step['loadavg_before']:.1f} / {step['loadavg_after']:.1f} |")
         ratio = steps["one-file re-sync"]["wall_s"] / steps["no-op re-sync"]["wall_s"]
-        rows.append(f"\none-file / no-op re-sync: {ratio:.2f}x")
+        cpu = steps["one-file re-sync"]["cpu_s"] / steps["no-op re-sync"]["cpu_s"]
+        rows.append(f"\none-file / no-op re-sync: {ratio:.2f}x wall, {cpu:.2f}x CPU")
         tag = f"x{args.factor}-{args.src.resolve().parent.name}"
-        (args.out / f"{tag}.json").write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "result"}
-                                                          for k, v in steps.items()} | {"objects": objects,
-                                                                                        "store_mb": store_mb}, indent=2))
+        raw = {k: {kk: vv for kk, vv in v.items() if kk != "result"} for k, v in steps.items()}
+        raw |= {"objects": objects, "store_mb": store_mb, "store_allocated_mb": allocated_mb}
+        (args.out / f"{tag}.json").write_text(json.dumps(raw, indent=2))
         (args.out / f"{tag}.md").write_text("\n".join(rows) + "\n")
         print("\n".join(rows))
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
         os.sync()
 
 

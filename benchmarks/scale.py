@@ -31,6 +31,9 @@ SETTINGS = {  # name -> (IndexSettings kwargs, ef values searched)
     "hnsw": ({"index_threshold": 0, "hnsw_m": 16, "hnsw_ef_construct": 100}, [16, 32, 64, 128, 256]),
     "hnsw+int8": ({"index_threshold": 0, "hnsw_m": 16, "hnsw_ef_construct": 100, "quantization": "int8"},
                   [16, 32, 64, 128, 256]),
+    # the 1M row: original vectors on disk, the graph built over int8 vectors (cheaper on 2 cores)
+    "hnsw+int8+disk": ({"index_threshold": 0, "hnsw_m": 16, "hnsw_ef_construct": 64, "quantization": "int8",
+                        "on_disk": True}, [32, 64, 128, 256]),
 }
 QUERIES = 200
 K = 10
@@ -42,8 +45,25 @@ def mixture(n: int, dim: int, seed: int, clusters: int = 2000) -> np.ndarray:
     centres = rng.normal(size=(clusters, dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     rng = np.random.default_rng(seed + 1 + n)
-    out = centres[rng.integers(0, clusters, size=n)] + rng.normal(size=(n, dim)).astype(np.float32) / np.sqrt(dim)
-    return out / np.linalg.norm(out, axis=1, keepdims=True)
+    out = centres[rng.integers(0, clusters, size=n)]
+    for lo in range(0, n, 65536):  # in chunks (the same draws as one call): no n x dim float64 copy
+        rows = out[lo:lo + 65536]
+        rows += rng.normal(size=rows.shape).astype(np.float32) / np.sqrt(dim)
+        rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    return out
+
+
+def reset_peak() -> None:
+    """Forget the peak RSS so far (Linux): what follows is measured without the data's generation."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_mb() -> float:
+    """Peak RSS since the last reset_peak (VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def rss_mb() -> float:
@@ -51,12 +71,83 @@ def rss_mb() -> float:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def disk_mb(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+def disk_mb(path: Path, allocated: bool = False) -> float:
+    """Apparent size, or the blocks really allocated (preallocated and grown files are sparse)."""
+    files = [f.stat() for f in path.rglob("*") if f.is_file()]
+    return sum(st.st_blocks * 512 if allocated else st.st_size for st in files) / 2**20
 
 
 def load() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def via_session(n: int, dim: int, setting: str) -> dict:
+    """m3d's own write path at scale: Session.upsert (Qdrant + the FAISS file, batch by batch), finish
+    (index build + FAISS commit), then a fresh session that must trust the saved FAISS file (generation
+    + sampled rows) and answers recall@10 of Qdrant against it, and `m3d check`-style row counts."""
+    from m3d.connector import IndexSettings, SearchSettings
+    from m3d.store import open_session
+
+    kwargs, efs = SETTINGS[setting]
+    vectors = mixture(n, dim, seed=0)
+    queries = mixture(QUERIES, dim, seed=0)[:QUERIES]
+    ids = [f"{i:08x}-0000-4000-8000-000000000000" for i in range(n)]
+    name = "m3d_scale_mean"
+    root = Path(tempfile.mkdtemp(prefix="m3d-scale-", dir=os.environ.get("SCALE_TMP")))
+    row = {"n": n, "dim": dim, "setting": f"{setting} (m3d Session)", "load_before": load()}
+    reset_peak()  # the benchmark's own copy of the data stays counted (n * dim * 4 bytes), its making not
+    try:
+        with open_session(root / "store") as session:
+            session.vectors.ensure_collection(name, dim, IndexSettings(**kwargs))
+            before = rss_mb()
+            start = time.perf_counter()
+            for lo in range(0, n, BATCH):
+                hi = min(lo + BATCH, n)
+                session.upsert(name, ids[lo:hi], vectors[lo:hi], [{"class": f"c{i % 20}"} for i in range(lo, hi)])
+            row["insert_s"] = time.perf_counter() - start
+            row["insert_per_s"] = n / row["insert_s"]
+            start = time.perf_counter()
+            row["index_build_s"] = session.finish(name)
+            row["finish_s"] = time.perf_counter() - start
+            row["engine_rss_bytes_per_point"] = max(0.0, rss_mb() - before) * 2**20 / n
+            row["indexed"] = session.vectors.index_info(name).indexed
+        row["peak_rss_write_mb"] = peak_mb()
+        del vectors
+        reset_peak()
+        row["disk_bytes_per_point"] = disk_mb(root / "store" / "qdrant") * 2**20 / n
+        row["disk_allocated_bytes_per_point"] = disk_mb(root / "store" / "qdrant", allocated=True) * 2**20 / n
+        row["faiss_disk_allocated_bytes_per_point"] = disk_mb(root / "store" / "faiss", allocated=True) * 2**20 / n
+        with open_session(root / "store", create=False) as session:
+            start = time.perf_counter()
+            exact = session.exact(name)  # must be trusted as saved: a rebuild would log a warning
+            row["faiss_open_s"] = time.perf_counter() - start
+            row["faiss_trusted"] = session.vectors.generation(name) == exact.generation
+            row["qdrant_points"], row["faiss_points"] = session.vectors.count(name), len(exact)
+            lat = []
+            truth = []
+            for q in queries:
+                t = time.perf_counter()
+                truth.append(exact.search(q[None], K)[1][0])
+                lat.append((time.perf_counter() - t) * 1000)
+            row["faiss_p50_ms"], row["faiss_p99_ms"] = float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
+            row["sweep"] = []
+            for ef in efs:
+                params = SearchSettings(hnsw_ef=ef)
+                session.vectors.search(name, queries[:5], K, params=params)  # warm
+                lat, hits = [], 0
+                for q, t_ids in zip(queries, truth):
+                    t = time.perf_counter()
+                    answer = session.vectors.search(name, q[None], K, params=params)[0]
+                    lat.append((time.perf_counter() - t) * 1000)
+                    hits += len({h.id for h in answer} & set(t_ids))
+                row["sweep"].append({"hnsw_ef": ef, "recall@10": hits / (K * len(queries)),
+                                     "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))})
+        row["peak_rss_check_mb"] = peak_mb()
+        row["data_mb"] = n * dim * 4 / 2**20
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    row["load_after"] = load()
+    return row
 
 
 def one(n: int, dim: int, setting: str) -> dict:
@@ -114,7 +205,7 @@ def one(n: int, dim: int, setting: str) -> dict:
                 hits += len({h.id for h in answer} & set(t_ids))
             row["sweep"].append({"hnsw_ef": ef, "recall@10": hits / (K * len(queries)),
                                  "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))})
-        row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the data's making included
         row["data_mb"] = vectors.nbytes / 2**20
         store.close()
     finally:
@@ -142,18 +233,21 @@ def main() -> None:
     parser.add_argument("--dims", default="512,768")
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/scale"))
+    parser.add_argument("--session", action="store_true",
+                        help="write through m3d's Session (Qdrant + FAISS file) and check from a fresh one")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # n,dim,setting: run one in this process
     args = parser.parse_args()
     if args.one:
         n, dim, setting = args.one.split(",")
-        print(json.dumps(one(int(n), int(dim), setting)))
+        print(json.dumps((via_session if args.session else one)(int(n), int(dim), setting)))
         return
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for n in map(int, args.sizes.split(",")):
         for dim in map(int, args.dims.split(",")):
             for setting in args.settings.split(","):
-                done = subprocess.run([sys.executable, __file__, "--one", f"{n},{dim},{setting}"],
+                done = subprocess.run([sys.executable, __file__, "--one", f"{n},{dim},{setting}",
+                                       *(["--session"] if args.session else [])],
                                       capture_output=True, text=True)
                 if done.returncode != 0:
                     print(f"{n} x {dim} {setting}: failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)

@@ -123,7 +123,7 @@ def test_unknown_encoder_and_pool_are_clear(synced, tmp_path):
 
 def test_faiss_repair(synced):
     _, store, _ = synced
-    (store / "faiss" / "m3d_hog_max.faiss.npz").unlink()
+    (store / "faiss" / "m3d_hog_max.faiss").unlink()
     broken = runner.invoke(app, ["check", "--store", str(store), "--json"])
     assert broken.exit_code == 1
     assert {r["collection"]: r["in_step"] for r in json.loads(broken.stdout)}["m3d_hog_max"] is False

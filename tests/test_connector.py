@@ -80,7 +80,7 @@ def test_edge_store_survives_reopen(tmp_path):
 
 def test_exact_index_roundtrip(tmp_path):
     ids, vectors, _ = _points()
-    ExactIndex(ids, vectors, collection="m3d_t_mean", generation="g1").save(tmp_path, "m3d_t_mean")
+    ExactIndex(ids, vectors, collection="m3d_t_mean", generation="g1", path=tmp_path / "m3d_t_mean.faiss")
     loaded = ExactIndex.load(tmp_path, "m3d_t_mean")
     assert loaded.ids == ids and (loaded.collection, loaded.generation) == ("m3d_t_mean", "g1")
     np.testing.assert_allclose(loaded.vectors, vectors)

@@ -36,8 +36,8 @@ def _replace_with_dir(path):
 
 
 DAMAGE = {
-    "truncated FAISS file": lambda s: (s / "faiss" / f"{COLLECTION}.faiss.npz").write_bytes(
-        (s / "faiss" / f"{COLLECTION}.faiss.npz").read_bytes()[:1000]),
+    "truncated FAISS file": lambda s: (s / "faiss" / f"{COLLECTION}.faiss").write_bytes(
+        (s / "faiss" / f"{COLLECTION}.faiss").read_bytes()[:1000]),
     "garbled m3d.json": lambda s: (s / "qdrant" / COLLECTION / "m3d.json").write_text("{garb"),
     "wrong dim in m3d.json": lambda s: (s / "qdrant" / COLLECTION / "m3d.json").write_text('{"dim": 16}'),
     "truncated vector chunk": lambda s: _truncate(_segment(s) / "vector_storage" / "vectors" / "chunk_0.mmap", 5000),

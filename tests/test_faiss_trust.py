@@ -88,7 +88,7 @@ def test_faiss_copied_over_another_collections_is_rebuilt(tmp_path, caplog):
             ids, vectors, payloads = _points(0, 50, seed=seed)  # same ids, other vectors
             session.upsert(name, ids, vectors, payloads)
             session.save_exact(name)
-    shutil.copyfile(tmp_path / "s" / "faiss" / "m3d_a_mean.faiss.npz", tmp_path / "s" / "faiss" / "m3d_b_mean.faiss.npz")
+    shutil.copyfile(tmp_path / "s" / "faiss" / "m3d_a_mean.faiss", tmp_path / "s" / "faiss" / "m3d_b_mean.faiss")
     with open_session(tmp_path / "s") as session:
         rows = {r["collection"]: r for r in session.check()}
         assert rows["m3d_a_mean"]["ok"] and not rows["m3d_b_mean"]["in_step"]
@@ -182,7 +182,7 @@ def test_damaged_or_old_faiss_files_are_rebuilt_not_misread(session):
     ids, vectors, payloads = _points(0, 30)
     session.upsert(name, ids, vectors, payloads)
     session.save_exact(name)
-    path = session.exact_dir / f"{name}.faiss.npz"
+    path = session.exact_dir / f"{name}.faiss"
     path.write_bytes(path.read_bytes()[:200])  # truncated
     session._exact.clear()
     _assert_same(_rows(session.exact(name)), _qdrant_rows(session, name))

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .connector import VectorStore, open_store
-from .connector.exact import ExactIndex, path_of
+from .connector import VECTOR_PAGE, VectorStore, open_store
+from .connector.exact import ExactIndex
 from .connector.lock import StoreLock
 from .errors import StoreError, UsageError
 from .schemas import COLLECTION_PREFIX, Fingerprint
@@ -107,16 +107,17 @@ class Session:
         return seconds
 
     def save_exact(self, name: str) -> ExactIndex:
-        """Persist the index kept in step by this session's writes. If another writer changed the
-        collection meanwhile (its generation is not the one this session wrote last), the rows
-        kept here miss its changes: rebuild from Qdrant instead."""
+        """Commit the index kept in step by this session's writes (its rows are already in its file).
+        If another writer changed the collection meanwhile (its generation is not the one this
+        session wrote last), the rows kept here miss its changes: rebuild from Qdrant instead."""
         if name not in self._written:  # nothing written here: check (and if need be rebuild) what is saved
             return self.exact(name)
         index = self._exact[name]
         if self.vectors.generation(name) != self._written[name]:
             log.warning("collection %s was changed by another writer during this one: FAISS rebuilt from Qdrant", name)
             return self.rebuild_exact(name)
-        self._save(name, index)
+        index.commit(self._written[name])
+        log.info("faiss index of %s holds %d points", name, len(index))
         return index
 
     def exact(self, name: str) -> ExactIndex:
@@ -133,6 +134,8 @@ class Session:
         if reason is None:
             self._exact[name] = index
             return index
+        if index is not None:
+            index.close()
         # a missing file is routine (a new collection); anything else means it was out of step
         (log.info if index is None else log.warning)("FAISS index of %s %s: rebuilt from Qdrant", name, reason)
         return self.rebuild_exact(name, must_save=False)
@@ -147,50 +150,62 @@ class Session:
             return "describes another generation of the collection (written since, or restored from elsewhere)"
         if index.dim != self.vectors.dim(name) or len(index) != self.vectors.count(name):
             return "holds other rows than Qdrant"
-        sample = [index.ids[r] for r in np.linspace(0, len(index) - 1, num=min(SPOT_CHECK, len(index)), dtype=int)]
-        for rec in self.vectors.retrieve(name, sample, vectors=True) if sample else []:
-            if not np.allclose(index.vectors[index.row(rec.id)], rec.vector, atol=1e-5):
+        rows = {index.id_at(r): r for r in np.linspace(0, len(index) - 1, num=min(SPOT_CHECK, len(index)), dtype=int)}
+        for rec in self.vectors.retrieve(name, list(rows), vectors=True) if rows else []:
+            if not np.allclose(index.vectors[rows[rec.id]], rec.vector, atol=1e-5):
                 return "holds other vectors than Qdrant"
         return None
 
     def rebuild_exact(self, name: str, *, must_save: bool = True) -> ExactIndex:
-        """Build a collection's FAISS index from every vector Qdrant holds and save it (a command
-        that only reads keeps it in memory when the store cannot be written). The generation is read
-        before the scroll: a write during it advances the token, so the result never passes as
-        current. A collection without one (never written by this m3d) gets its token at its next
-        write; until then a saved index of it is never trusted."""
+        """Build a collection's FAISS index from every vector Qdrant holds, streamed page by page into
+        a new file that then replaces the saved one (a command that only reads builds it in a
+        temporary file when the store cannot be written). The generation is read before the scroll:
+        a write during it advances the token, so the result never passes as current. A collection
+        without one (never written by this m3d) gets its token at its next write; until then a saved
+        index of it is never trusted."""
         token = self.vectors.generation(name)
         if token is None and must_save:
             token = self._advance(name)
-        dim = self.vectors.dim(name)
-        matrix = np.empty((self.vectors.count(name), dim), np.float32)  # no list + stacked copy
-        ids = []
-        for row, rec in enumerate(self.vectors.records(name, fields=["class"], vectors=True)):
-            if row == len(matrix):  # grew during the scroll: the token has moved, keep what was read
-                matrix = np.concatenate([matrix, np.empty((len(matrix) + 1, dim), np.float32)])
-            ids.append(rec.id)
-            matrix[row] = rec.vector
-        index = ExactIndex(ids, matrix[: len(ids)], collection=self.vectors.physical(name), generation=token)
-        self._exact[name] = index
         try:
-            self._save(name, index)
+            index = self._fill(name, ExactIndex.build(self.exact_dir, name, self.vectors.dim(name),
+                                                      self.vectors.physical(name)))
+            index.commit(token)
+            index.move_to(self.exact_dir, name)
         except OSError as exc:
             if must_save:
                 raise
-            log.warning("FAISS index of %s not saved (%s): it answers from memory for this command", name,
+            log.warning("FAISS index of %s not saved (%s): it answers from a temporary file for this command", name,
                         exc.strerror or exc)
+            index = self._fill(name, ExactIndex([], np.zeros((0, self.vectors.dim(name)), np.float32),
+                                                collection=self.vectors.physical(name)))
+        index.generation = token
+        self._exact[name] = index
+        log.info("faiss index of %s holds %d points", name, len(index))
         return index
 
-    def _save(self, name: str, index: ExactIndex) -> None:
-        index.save(self.exact_dir, name)
-        log.info("faiss index of %s holds %d points", name, len(index))
+    def _fill(self, name: str, index: ExactIndex) -> ExactIndex:
+        """Every vector of the collection into an empty index, one scroll page at a time."""
+        try:
+            ids, rows = [], []
+            for rec in self.vectors.records(name, fields=["class"], vectors=True):
+                ids.append(rec.id)
+                rows.append(rec.vector)
+                if len(ids) == VECTOR_PAGE:  # one scroll page held, never the matrix
+                    index.upsert(ids, np.stack(rows))
+                    ids, rows = [], []
+            index.upsert(ids, np.stack(rows) if rows else np.zeros((0, index.dim), np.float32))
+            return index
+        except BaseException:
+            index.discard()
+            raise
 
     def publish(self, name: str, version: str) -> None:
         """End a zero-downtime rebuild (after finish(version)): readers of `name` move to the complete
         `version` at once; its FAISS index, saved under the version's name, moves with it."""
         self.vectors.publish(name, version)
-        os.replace(path_of(self.exact_dir, version), path_of(self.exact_dir, name))
-        self._exact[name] = self._exact.pop(version)
+        index = self._exact.pop(version)
+        index.move_to(self.exact_dir, name)
+        self._exact[name] = index
         self._written.pop(name, None)
         if version in self._written:
             self._written[name] = self._written.pop(version)
@@ -200,8 +215,10 @@ class Session:
         self.drop_exact(name)
 
     def drop_exact(self, name: str) -> None:
+        held = self._exact.pop(name, None)
+        if held is not None:
+            held.close()
         ExactIndex.remove_file(self.exact_dir, name)
-        self._exact.pop(name, None)
         self._written.pop(name, None)
 
     def check(self, repair: bool = False) -> list[dict]:
@@ -220,34 +237,42 @@ class Session:
 
     def _check_collection(self, name: str, repair: bool) -> dict:
         problems, done = [], []
-        ids, vectors, prints, damaged = [], [], set(), 0
         try:
             problems = self.vectors.problems(name)
             if repair and problems:
                 done = self.vectors.repair(name)
                 problems = self.vectors.problems(name)
-            for rec in self.vectors.records(name, fields=["pipeline"], vectors=True):
-                ids.append(rec.id)
-                vectors.append(rec.vector)
-                prints.add(json.dumps(rec.payload.get("pipeline"), sort_keys=True))
-                damaged += not is_unit(rec.vector)
+            index = ExactIndex.load(self.exact_dir, name)
+            generation = self.vectors.generation(name)
+            current = (index is not None and index.collection == self.vectors.physical(name)
+                       and generation is not None and index.generation == generation)
+            count, prints, damaged, in_step = self._compare(name, index if current else None)
         except StoreError as exc:  # the points themselves cannot be read: only a new sync brings them back
             if repair:
                 where = self.vectors.set_aside(name, self.store_dir / "damaged")
                 self.drop_exact(name)
                 done.append(f"set aside {where}: run `m3d sync` to embed it again")
             return _row(name, problems=list(dict.fromkeys([*problems, str(exc)])), repaired=done, ok=False)
-        index = ExactIndex.load(self.store_dir / "faiss", name)
-        generation = self.vectors.generation(name)
-        in_step = (index is not None and index.collection == self.vectors.physical(name) and generation is not None
-                   and index.generation == generation and _same_rows(index, ids, vectors))
         if repair and not in_step:
             index = self.rebuild_exact(name)
-            in_step = _same_rows(index, ids, vectors)
+            in_step = self._compare(name, index)[3]
             done.append("rebuilt FAISS")
-        return _row(name, qdrant_points=len(ids), faiss_points=None if index is None else len(index),
+        return _row(name, qdrant_points=count, faiss_points=None if index is None else len(index),
                     in_step=in_step, fingerprints=len(prints), damaged_vectors=damaged, problems=problems,
                     repaired=done, ok=in_step and len(prints) <= 1 and damaged == 0 and not problems)
+
+    def _compare(self, name: str, index: ExactIndex | None) -> tuple[int, set[str], int, bool]:
+        """Every point of the collection, streamed: (count, fingerprints seen, vectors not unit length,
+        whether the index holds exactly these ids, each with Qdrant's vector)."""
+        count, prints, damaged, same = 0, set(), 0, index is not None
+        for rec in self.vectors.records(name, fields=["pipeline"], vectors=True):
+            count += 1
+            prints.add(json.dumps(rec.payload.get("pipeline"), sort_keys=True))
+            damaged += not is_unit(rec.vector)
+            if same:
+                row = index.row(rec.id)
+                same = row is not None and np.allclose(index.vectors[row], rec.vector, atol=1e-5)
+        return count, prints, damaged, same and len(index) == count
 
     def _layout_damage(self) -> list[tuple[Path, str]]:
         """Store files of the wrong kind (a file where a folder belongs, or the reverse) or with
@@ -333,6 +358,9 @@ class Session:
         return path
 
     def close(self) -> None:
+        for index in self._exact.values():
+            index.close()
+        self._exact.clear()
         try:
             self.vectors.close()
         finally:
@@ -373,13 +401,6 @@ def _same_dir(a: str, b: str) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
-
-
-def _same_rows(index: ExactIndex, ids: list[str], vectors: list[np.ndarray]) -> bool:
-    """FAISS holds exactly these ids, each with the same vector as Qdrant."""
-    if len(index) != len(ids) or any(index.row(pid) is None for pid in ids):
-        return False
-    return all(np.allclose(index.vectors[index.row(pid)], vec, atol=1e-5) for pid, vec in zip(ids, vectors))
 
 
 def open_session(store_dir: Path, *, url: str | None = None, api_key: str | None = None,

@@ -16,6 +16,9 @@ import numpy as np
 from ..errors import UsageError
 
 QUANTIZATIONS = ("none", "int8", "binary")
+#: Points per scroll page: payloads only, and with vectors (a vector arrives as a Python list, ~32 bytes a
+#: dimension: 1,024 hog points would be 57 MB, so a scan's memory is this page, not the collection).
+PAGE, VECTOR_PAGE = 1024, 128
 VERSION = "--v"  # a collection's versions are <name>--v<N> (name slugs never contain '-'); readers use <name>
 
 

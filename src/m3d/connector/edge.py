@@ -22,9 +22,8 @@ import numpy as np
 
 from ..errors import StoreBusyError, StoreError, no_space
 from ..schemas import INDEXED_KEYWORDS
-from . import VERSION, Hit, IndexInfo, IndexSettings, Record, SearchSettings
+from . import PAGE, VECTOR_PAGE, VERSION, Hit, IndexInfo, IndexSettings, Record, SearchSettings
 
-PAGE = 1024
 #: Room every write leaves free. The engine grows its files in 32 MB memory-mapped chunks, and a page
 #: the disk cannot hold kills the process with SIGBUS (nothing to catch, nothing printed): refuse first.
 SPARE_BYTES = 64 << 20
@@ -346,8 +345,8 @@ class EdgeStore:
         q = _engine()
         offset = None
         while True:
-            request = q.ScrollRequest(offset=offset, limit=PAGE, with_payload=fields if fields else True,
-                                      with_vector=vectors)
+            request = q.ScrollRequest(offset=offset, limit=VECTOR_PAGE if vectors else PAGE,
+                                      with_payload=fields if fields else True, with_vector=vectors)
             page, offset = self._run(name, lambda shard: shard.scroll(request))
             for rec in page:
                 yield Record(str(rec.id), rec.payload or {}, _as_array(rec.vector) if vectors else None)

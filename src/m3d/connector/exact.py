@@ -1,92 +1,192 @@
 """FAISS flat inner-product search per collection: exact answers to validate Qdrant's.
 
 Derived data, kept in step with Qdrant row by row (add, replace, remove by point id) instead of being
-rebuilt from all of Qdrant after every change. Each saved index records the collection it describes
+rebuilt from all of Qdrant after every change. The rows live in one file, written in place with
+positioned writes and read through a memory map, so a sync's memory does not grow with the collection:
+a one-file change writes a few rows, never the matrix. The file records the collection it describes
 and that collection's generation (a random token every m3d write advances in the collection itself,
 see store.Session): an index whose collection or generation differs from what Qdrant holds now never
-answers. Written atomically (one file: rows, ids, generation), so a crash leaves the old file or the
-new one, never new rows with old ids.
+answers. The first change after a commit clears the generation on disk (fsynced) before any row
+moves, so a crash half-way leaves a file that is never trusted, never mixed rows that pass as current.
+
+Layout (format 3): a 4 KiB header (magic + JSON: dim, rows, capacity, collection, generation), then
+`capacity` ids (ASCII, 36 bytes), then `capacity` float32 rows. Capacity doubles by a streamed copy.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
-import zipfile
+import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
-FORMAT = 2  # file layout version: older files are rebuilt, never misread
+FORMAT = 3  # file layout version: older files are rebuilt, never misread
+MAGIC = b"M3DEXACT"
+HEADER = 4096
+ID = np.dtype("S36")  # a point id (a UUID's text) as stored
+FOLD = 65536  # id lookups kept beside the sorted snapshot before it is rebuilt
+CHUNK_BYTES = 8 << 20  # streamed copies move this much at a time
 
 
 class ExactIndex:
-    """Unit rows with their point ids; search is FAISS's exact inner-product k-NN over the rows."""
+    """Unit rows with their point ids in one file; search is FAISS's exact inner-product k-NN."""
 
-    def __init__(self, ids: list[str], vectors: np.ndarray, *, collection: str = "", generation: str | None = None):
+    def __init__(self, ids: list[str], vectors: np.ndarray, *, collection: str = "", generation: str | None = None,
+                 path: Path | None = None):
+        """An index holding these rows: in a file at path (committed when generation is given), or in
+        an anonymous temporary file (benchmarks, tests, a reader that cannot write the store)."""
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or len(vectors) != len(ids):
             raise ValueError("one vector row per id")
-        self._rows = np.array(vectors, dtype=np.float32, order="C")  # capacity grows by doubling
-        self._n = len(ids)
-        self.ids = list(ids)
-        self._row_of = {pid: row for row, pid in enumerate(self.ids)}
-        if len(self._row_of) != len(self.ids):
+        handle = open(path, "w+b") if path is not None else tempfile.TemporaryFile()
+        self._open(handle, path, {"dim": vectors.shape[1], "n": 0, "capacity": max(16, len(ids)),
+                                  "collection": collection, "generation": None})
+        os.ftruncate(self._fd, self._row_offset(self._capacity))
+        self._begin_change()
+        self.upsert(list(ids), vectors)
+        if self._n != len(ids):
             raise ValueError("duplicate point ids")
-        self.collection = collection
-        self.generation = generation
+        if generation is not None:
+            self.commit(generation)
+
+    def _open(self, handle: BinaryIO, path: Path | None, header: dict) -> None:
+        self._handle, self._fd, self._path = handle, handle.fileno(), path
+        self._dim, self._n, self._capacity = int(header["dim"]), int(header["n"]), int(header["capacity"])
+        self.collection: str = header["collection"]
+        self.generation: str | None = header["generation"] or None
+        self._dirty = False  # rows changed since the last commit (the file's generation is cleared)
+        self._lookup: dict[str, int | None] = {}  # id -> row (None: removed) since the sorted snapshot
+        self._keys: np.ndarray | None = None  # sorted ids and their rows: the lookup for unchanged ids
+        self._key_rows = np.zeros(0, np.int64)
+        self._views: tuple[np.ndarray, list[str]] | None = None
 
     @property
     def dim(self) -> int:
-        return self._rows.shape[1]
-
-    @property
-    def vectors(self) -> np.ndarray:
-        """(n, dim) rows in the order of ids (a view: no copy)."""
-        return self._rows[: self._n]
+        return self._dim
 
     def __len__(self) -> int:
         return self._n
 
+    @property
+    def vectors(self) -> np.ndarray:
+        """(n, dim) rows in the order of ids, memory-mapped read-only (no copy in memory)."""
+        return self._read_views()[0]
+
+    @property
+    def ids(self) -> list[str]:
+        """Point ids in row order (decoded once per change; readers index it freely)."""
+        return self._read_views()[1]
+
+    def id_at(self, row: int) -> str:
+        return os.pread(self._fd, ID.itemsize, self._id_offset(row)).rstrip(b"\0").decode()
+
     def row(self, pid: str) -> int | None:
-        return self._row_of.get(pid)
+        if pid in self._lookup:
+            return self._lookup[pid]
+        if self._keys is None:
+            self._snapshot()
+        key = np.array([pid.encode()], ID)
+        at = int(np.searchsorted(self._keys, key)[0])
+        return int(self._key_rows[at]) if at < len(self._keys) and self._keys[at] == key[0] else None
 
     # -- keeping in step ---------------------------------------------------------------------
     def upsert(self, ids: list[str], vectors: np.ndarray) -> None:
         """Replace the rows of known ids, append the others (what a Qdrant upsert does)."""
-        vectors = np.asarray(vectors, dtype=np.float32)
-        if len(ids) != len(vectors) or (len(ids) and vectors.shape[1] != self.dim):
-            raise ValueError(f"expected {len(ids)} rows of {self.dim} dims")
-        for pid, vector in zip(ids, vectors):
-            row = self._row_of.get(pid)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if len(ids) != len(vectors) or (len(ids) and vectors.shape[1] != self._dim):
+            raise ValueError(f"expected {len(ids)} rows of {self._dim} dims")
+        if not ids:
+            return
+        self._begin_change()
+        fresh: list[int] = []
+        for i, pid in enumerate(ids):
+            row = self.row(pid)
             if row is None:
-                row = self._append(pid)
-            self._rows[row] = vector
+                fresh.append(i)
+                self._lookup[pid] = -1  # appended below; a repeat of it in this batch replaces it
+            elif row == -1:
+                fresh = [j for j in fresh if ids[j] != pid] + [i]
+            else:
+                os.pwrite(self._fd, vectors[i].tobytes(), self._row_offset(row))
+        if fresh:
+            self._reserve(self._n + len(fresh))
+            encoded = np.array([_encode(ids[j]) for j in fresh], ID)
+            os.pwrite(self._fd, encoded.tobytes(), self._id_offset(self._n))
+            os.pwrite(self._fd, vectors[fresh].tobytes(), self._row_offset(self._n))
+            for offset, j in enumerate(fresh):
+                self._lookup[ids[j]] = self._n + offset
+            self._n += len(fresh)
+        self._changed()
 
     def remove(self, ids: list[str]) -> None:
         """Drop the rows of these ids (unknown ids are ignored, like a Qdrant delete): the last row
         moves into each hole, so removal costs O(removed), not a rewrite of the matrix."""
-        for pid in ids:
-            row = self._row_of.pop(pid, None)
+        rows = [(pid, self.row(pid)) for pid in dict.fromkeys(ids)]
+        if not any(row is not None for _, row in rows):
+            return
+        self._begin_change()
+        for pid, _ in rows:
+            row = self.row(pid)  # an earlier removal may have moved it
             if row is None:
                 continue
             last = self._n - 1
             if row != last:
-                moved = self.ids[last]
-                self._rows[row] = self._rows[last]
-                self.ids[row] = moved
-                self._row_of[moved] = row
-            self.ids.pop()
+                moved = self.id_at(last)
+                os.pwrite(self._fd, os.pread(self._fd, ID.itemsize, self._id_offset(last)), self._id_offset(row))
+                os.pwrite(self._fd, os.pread(self._fd, 4 * self._dim, self._row_offset(last)), self._row_offset(row))
+                self._lookup[moved] = row
+            self._lookup[pid] = None
             self._n = last
+        self._changed()
 
-    def _append(self, pid: str) -> int:
-        if self._n == len(self._rows):
-            grown = np.empty((max(16, 2 * len(self._rows)), self.dim), np.float32)
-            grown[: self._n] = self._rows[: self._n]
-            self._rows = grown
-        self.ids.append(pid)
-        self._row_of[pid] = self._n
-        self._n += 1
-        return self._n - 1
+    def commit(self, generation: str | None) -> None:
+        """Make the rows durable, then record the generation they describe (the header last; None:
+        a collection without one, whose index is never trusted from disk)."""
+        if self._path is not None:
+            os.fsync(self._fd)
+        self.generation, self._dirty = generation, False
+        self._write_header()
+
+    def _begin_change(self) -> None:
+        if not self._dirty:  # from now on the file describes no generation until commit()
+            self._dirty = True
+            self._write_header()
+
+    def _changed(self) -> None:
+        self._views = None
+        if len(self._lookup) > FOLD:  # sort the ids again: the changes held are in it now
+            self._snapshot()
+
+    def _snapshot(self) -> None:
+        keys = np.empty(self._n, ID)
+        for lo, hi in self._chunks(ID.itemsize):
+            keys[lo:hi] = np.frombuffer(os.pread(self._fd, (hi - lo) * ID.itemsize, self._id_offset(lo)), ID)
+        self._key_rows = np.argsort(keys, kind="stable")
+        self._keys = keys[self._key_rows]
+        self._lookup = {}
+
+    def _reserve(self, rows: int) -> None:
+        """Room for `rows` rows: a larger file holding the same rows (streamed copy), swapped in."""
+        if rows <= self._capacity:
+            return
+        old_rows = self._row_offset(0)
+        self._capacity = max(rows, 2 * self._capacity)
+        grown = open(self._path.with_name(self._path.name + ".grow"), "w+b") if self._path else tempfile.TemporaryFile()
+        os.ftruncate(grown.fileno(), self._row_offset(self._capacity))
+        for size, src, dst in ((ID.itemsize, self._id_offset(0), self._id_offset(0)),
+                               (4 * self._dim, old_rows, self._row_offset(0))):
+            for lo, hi in self._chunks(size):
+                os.pwrite(grown.fileno(), os.pread(self._fd, (hi - lo) * size, src + lo * size), dst + lo * size)
+        self._views = None
+        self._handle.close()
+        if self._path is not None:
+            os.replace(grown.name, self._path)
+        self._handle, self._fd = grown, grown.fileno()
+        self._write_header()
 
     # -- search ------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
@@ -98,37 +198,114 @@ class ExactIndex:
         if k == 0:
             return np.zeros((len(queries), 0), np.float32), [[] for _ in queries]
         scores, rows = faiss.knn(queries, self.vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
-        return scores, [[self.ids[r] for r in row if r >= 0] for row in rows]
+        return scores, [[self.id_at(r) for r in row if r >= 0] for row in rows]
 
     # -- files -------------------------------------------------------------------------------
-    def save(self, directory: Path, name: str) -> None:
-        """One file (rows, ids, collection and generation together), replaced atomically."""
-        directory.mkdir(parents=True, exist_ok=True)
-        target = path_of(directory, name)
-        tmp = target.with_name(target.name + ".tmp")
-        with open(tmp, "wb") as handle:
-            np.savez(handle, format=np.int64(FORMAT), vectors=self.vectors, ids=np.array(self.ids, dtype="U36"),
-                     collection=np.str_(self.collection), generation=np.str_(self.generation or ""))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-
     @classmethod
     def load(cls, directory: Path, name: str) -> "ExactIndex | None":
-        """The saved index, or None when there is none, it cannot be read, or it has an older layout."""
+        """The saved index, or None when there is none, it cannot be read, or it has an older layout.
+        Opened for writing where the store allows it (a sync updates it in place), else read-only."""
+        path = path_of(directory, name)
         try:
-            with np.load(path_of(directory, name), allow_pickle=False) as data:
-                if int(data["format"]) != FORMAT:
-                    return None
-                return cls([str(i) for i in data["ids"]], data["vectors"], collection=str(data["collection"]),
-                           generation=str(data["generation"]) or None)
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # missing, truncated, garbled, old layout
+            try:
+                handle = open(path, "r+b")
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise
+                handle = open(path, "rb")
+        except OSError:
             return None
+        try:
+            index = cls.__new__(cls)
+            index._open(handle, path, _read_header(handle))
+            if index._n > index._capacity or os.fstat(index._fd).st_size < index._row_offset(index._capacity):
+                raise ValueError("truncated")
+            return index
+        except (OSError, ValueError, KeyError, TypeError):  # truncated, garbled, old layout
+            handle.close()
+            return None
+
+    @classmethod
+    def build(cls, directory: Path, name: str, dim: int, collection: str) -> "ExactIndex":
+        """An empty index in a new file beside the saved one; `move_to` puts it in its place."""
+        path = path_of(directory, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return cls([], np.zeros((0, dim), np.float32), collection=collection, path=path.with_name(path.name + ".tmp"))
+
+    def move_to(self, directory: Path, name: str) -> None:
+        """Replace the index saved under name by this one's file, atomically (the file stays open)."""
+        target = path_of(directory, name)
+        os.replace(self._path, target)
+        self._path = target
+        _legacy(target).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self._views = None
+        self._handle.close()
+
+    def discard(self) -> None:
+        """Close and delete a half-built index's file (a failed rebuild leaves nothing behind)."""
+        self.close()
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)
 
     @staticmethod
     def remove_file(directory: Path, name: str) -> None:
         path_of(directory, name).unlink(missing_ok=True)
+        _legacy(path_of(directory, name)).unlink(missing_ok=True)
+
+    # -- layout ------------------------------------------------------------------------------
+    def _id_offset(self, row: int) -> int:
+        return HEADER + row * ID.itemsize
+
+    def _row_offset(self, row: int) -> int:
+        return HEADER + self._capacity * ID.itemsize + row * 4 * self._dim
+
+    def _chunks(self, row_bytes: int):
+        step = max(1, CHUNK_BYTES // max(1, row_bytes))
+        return [(lo, min(lo + step, self._n)) for lo in range(0, self._n, step)]
+
+    def _write_header(self) -> None:
+        generation = "" if self._dirty else self.generation or ""  # rows in motion describe no generation
+        meta = json.dumps({"format": FORMAT, "dim": self._dim, "n": self._n, "capacity": self._capacity,
+                           "collection": self.collection, "generation": generation}).encode()
+        if len(MAGIC) + len(meta) > HEADER:
+            raise ValueError("collection name too long for the FAISS header")
+        os.pwrite(self._fd, (MAGIC + meta).ljust(HEADER, b" "), 0)
+        if self._path is not None:
+            os.fsync(self._fd)
+
+    def _read_views(self) -> tuple[np.ndarray, list[str]]:
+        if self._views is None:
+            if self._n == 0:
+                vectors = np.zeros((0, self._dim), np.float32)
+            else:
+                vectors = np.memmap(self._handle, np.float32, "r", self._row_offset(0), (self._n, self._dim))
+            raw = np.memmap(self._handle, ID, "r", self._id_offset(0), (self._n,)) if self._n else []
+            self._views = (vectors, [b.decode() for b in np.asarray(raw).tolist()])
+        return self._views
+
+def _encode(pid: str) -> bytes:
+    raw = pid.encode("ascii")
+    if len(raw) > ID.itemsize or raw.endswith(b"\0"):
+        raise ValueError(f"point id {pid!r} is not a UUID")
+    return raw
+
+
+def _read_header(handle: BinaryIO) -> dict:
+    raw = os.pread(handle.fileno(), HEADER, 0)
+    if len(raw) < HEADER or not raw.startswith(MAGIC):
+        raise ValueError("not an m3d FAISS file of this layout")
+    header = json.loads(raw[len(MAGIC):].decode())
+    if header.get("format") != FORMAT:
+        raise ValueError("other layout")
+    return header
 
 
 def path_of(directory: Path, name: str) -> Path:
-    return Path(directory) / f"{name}.faiss.npz"
+    return Path(directory) / f"{name}.faiss"
+
+
+def _legacy(path: Path) -> Path:
+    """Where the previous layout (format 2, an npz) lived: removed once its replacement is saved."""
+    return path.with_name(path.name + ".npz")

@@ -19,10 +19,9 @@ import numpy as np
 
 from ..errors import StoreError, UsageError
 from ..schemas import INDEXED_KEYWORDS
-from . import VERSION, Hit, IndexInfo, IndexSettings, Record, SearchSettings
+from . import PAGE, VECTOR_PAGE, VERSION, Hit, IndexInfo, IndexSettings, Record, SearchSettings
 
 T = TypeVar("T")
-PAGE = 1024
 RETRIES = 3
 BACKOFF_S = 0.5
 GENERATION_KEY = "m3d_generation"
@@ -259,8 +258,8 @@ class ServerStore:
             page, offset = self._call(
                 f"scroll {name}",
                 lambda offset=offset: self.client.scroll(
-                    name, offset=offset, limit=PAGE, with_payload=fields if fields else True, with_vectors=vectors
-                ),
+                    name, offset=offset, limit=VECTOR_PAGE if vectors else PAGE,
+                    with_payload=fields if fields else True, with_vectors=vectors),
             )
             for point in page:
                 vector = np.asarray(point.vector, np.float32) if vectors else None

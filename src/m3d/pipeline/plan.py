@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -15,7 +15,7 @@ from ..dataset import MeshFile, content_hash, file_stamp
 from ..errors import StoreError
 from ..orientation import Decision, consensus, measure_files
 from ..render import ViewSettings
-from ..schemas import SYNC_FIELDS, Fingerprint, collection_name
+from ..schemas import STAMP_FIELDS, SYNC_FIELDS, Fingerprint, collection_name
 from ..store import Session, is_unit
 from .options import SyncOptions
 
@@ -42,6 +42,25 @@ class Task:
     @property
     def id(self) -> str:
         return self.file.point_id
+
+
+class Stored(NamedTuple):
+    """What the plan reads of one stored point. A payload as a dict is ~4 KB per point and collection;
+    this is a few hundred bytes, one copy shared by the collections that hold the same values."""
+
+    fresh: bool  # made with the target's pipeline fingerprint
+    dataset: str | None
+    content_hash: str | None
+    stamp: tuple  # the STAMP_FIELDS values the file had
+    up: str | None  # --up auto: the decision stored, and the evidence it was made from
+    evidence: tuple[float, ...] | None
+
+    @classmethod
+    def of(cls, payload: dict, fingerprint: Fingerprint) -> "Stored":
+        pose = payload.get("pose") or {}
+        return cls(fingerprint.matches(payload.get("pipeline")), payload.get("dataset"), payload.get("content_hash"),
+                   tuple(payload.get(key) for key in STAMP_FIELDS), pose.get("up"),
+                   tuple(pose["evidence"]) if pose.get("evidence") else None)
 
 
 @dataclass(frozen=True)
@@ -88,12 +107,13 @@ def group_by_encoder(targets: dict[str, Target]) -> dict[str, tuple[Any, list[Ta
 
 
 def prepare_collections(session: Session, targets: dict[str, Target], rebuild: bool,
-                        index: IndexSettings = IndexSettings()) -> tuple[dict[str, dict[str, dict]], dict[str, str]]:
+                        index: IndexSettings = IndexSettings()) -> tuple[dict[str, dict[str, Stored]], dict[str, str]]:
     """Create missing collections; refuse ones made with other settings, or with rebuild start a new
     version of each (readers keep the complete old one until finalize publishes the new one).
-    Returns what each collection (or its new version) holds: point id -> the payload fields that
-    decide freshness; and collection -> the version being built in its place."""
-    known: dict[str, dict[str, dict]] = {}
+    Returns what each collection (or its new version) holds: point id -> what decides freshness
+    (read page by page, kept compact); and collection -> the version being built in its place."""
+    known: dict[str, dict[str, Stored]] = {}
+    shared: dict[Any, Any] = {}  # one copy of each id and each Stored across collections
     versions: dict[str, str] = {}
     existing = set(session.collections())
     for name, target in targets.items():
@@ -116,14 +136,15 @@ def prepare_collections(session: Session, targets: dict[str, Target], rebuild: b
         known[name] = {}
         for rec in session.vectors.records(where, fields=SYNC_FIELDS, vectors=True):  # streamed, page by page
             if is_unit(rec.vector):
-                known[name][rec.id] = rec.payload
+                stored = Stored.of(rec.payload, fp)
+                known[name][shared.setdefault(rec.id, rec.id)] = shared.setdefault(stored, stored)
             else:  # every stored vector is unit length; anything else is damage: embed it again
                 log.warning("%s: point %s (%s) has a damaged vector; it will be embedded again",
                             name, rec.id, rec.payload.get("path"))
     return known, versions
 
 
-def plan_sync(files: list[MeshFile], known: dict[str, dict[str, dict]], targets: dict[str, Target],
+def plan_sync(files: list[MeshFile], known: dict[str, dict[str, Stored]], targets: dict[str, Target],
               options: SyncOptions, dataset: str, prune: bool) -> Plan:
     """Compare the files with what each collection holds (id -> payload) and list the work: a point
     is fresh when its file's content and its pipeline fingerprint both match."""
@@ -136,7 +157,7 @@ def plan_sync(files: list[MeshFile], known: dict[str, dict[str, dict]], targets:
         changed = False
         for name, records in known.items():
             record = records.get(pid)
-            if record is None or not targets[name].fingerprint.matches(record.get("pipeline")):
+            if record is None or not record.fresh:
                 missing.add(targets[name].encoder.name)
                 continue
             same, stamp = same_content(file, record, hash_cache, verify=options.verify)
@@ -156,12 +177,12 @@ def plan_sync(files: list[MeshFile], known: dict[str, dict[str, dict]], targets:
     if prune:
         stale = set()
         for records in known.values():
-            stale |= {pid for pid, rec in records.items() if rec.get("dataset") == dataset and pid not in present}
+            stale |= {pid for pid, rec in records.items() if rec.dataset == dataset and pid not in present}
         plan.remove = sorted(stale)
     return plan
 
 
-def same_content(file: MeshFile, record: dict, hash_cache: dict[str, str], *,
+def same_content(file: MeshFile, record: Stored, hash_cache: dict[str, str], *,
                  verify: bool = False) -> tuple[bool, dict[str, int] | None]:
     """Whether the file still holds what the point was made from, as version control decides it: the
     same size, mtime, ctime and inode mean unchanged; any difference (or verify) means hash and
@@ -170,22 +191,22 @@ def same_content(file: MeshFile, record: dict, hash_cache: dict[str, str], *,
         stamp = file_stamp(file.path)
     except OSError:
         return False, None
-    stamp_same = all(record.get(key) == value for key, value in stamp.items())
+    stamp_same = tuple(stamp[key] for key in STAMP_FIELDS) == record.stamp
     if stamp_same and not verify:
         return True, None
-    if record.get("file_size") != stamp["file_size"]:
+    if record.stamp[STAMP_FIELDS.index("file_size")] != stamp["file_size"]:
         return False, None
     if file.rel_path not in hash_cache:
         try:
             hash_cache[file.rel_path] = content_hash(file.path)
         except OSError:
             return False, None
-    if hash_cache[file.rel_path] != record.get("content_hash"):
+    if hash_cache[file.rel_path] != record.content_hash:
         return False, None
     return True, None if stamp_same else stamp
 
 
-def plan_orientation(plan: Plan, files: list[MeshFile], known: dict[str, dict[str, dict]],
+def plan_orientation(plan: Plan, files: list[MeshFile], known: dict[str, dict[str, Stored]],
                      targets: dict[str, Target], workers: int) -> None:
     """--up auto: decide every object's up over the whole dataset, before anything renders.
 
@@ -195,17 +216,17 @@ def plan_orientation(plan: Plan, files: list[MeshFile], known: dict[str, dict[st
     view = plan.render.view
     if view.up != "auto" or view.align != "none":
         return
-    stored: dict[str, dict] = {}
+    stored: dict[str, Stored] = {}
     for records in known.values():
         for pid, rec in records.items():
-            if (rec.get("pose") or {}).get("evidence"):
-                stored.setdefault(pid, rec["pose"])
+            if rec.evidence:
+                stored.setdefault(pid, rec)
     measured = measure_files([t.file.path for t in plan.tasks], plan.render.max_faces, workers)
     evidence = {t.id: e for t, e in zip(plan.tasks, measured) if e is not None}
     queued = {t.id for t in plan.tasks}
     for file in files:
         if file.point_id not in queued and file.point_id in stored:
-            evidence[file.point_id] = np.asarray(stored[file.point_id]["evidence"], dtype=np.float64)
+            evidence[file.point_id] = np.asarray(stored[file.point_id].evidence, dtype=np.float64)
     suffixes = {f.point_id: f.path.suffix for f in files} | {t.id: t.file.path.suffix for t in plan.tasks}
     dataset = consensus(list(evidence.values()), [suffixes[pid] for pid in evidence])
     decided = {pid: Decision(*dataset.choose(ev), tuple(float(x) for x in ev)) for pid, ev in evidence.items()}
@@ -214,7 +235,7 @@ def plan_orientation(plan: Plan, files: list[MeshFile], known: dict[str, dict[st
     reoriented = 0
     for file in files:
         pid = file.point_id
-        if pid not in queued and pid in stored and decided[pid].up != stored[pid].get("up"):
+        if pid not in queued and pid in stored and decided[pid].up != stored[pid].up:
             plan.tasks.append(Task(file, every, changed=True, up=decided[pid]))
             plan.unchanged -= 1
             plan.updated += 1
