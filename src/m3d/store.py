@@ -358,9 +358,6 @@ class Session:
         return path
 
     def close(self) -> None:
-        for index in self._exact.values():
-            index.close()
-        self._exact.clear()
         try:
             self.vectors.close()
         finally:
