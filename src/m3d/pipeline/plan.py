@@ -56,10 +56,11 @@ class Stored(NamedTuple):
     evidence: tuple[float, ...] | None
 
     @classmethod
-    def of(cls, payload: dict, fingerprint: Fingerprint) -> "Stored":
-        pose = payload.get("pose") or {}
-        return cls(fingerprint.matches(payload.get("pipeline")), payload.get("dataset"), payload.get("content_hash"),
-                   tuple(payload.get(key) for key in STAMP_FIELDS), pose.get("up"),
+    def of(cls, payload: dict, fingerprint: Fingerprint, current: dict) -> "Stored":
+        """current: fingerprint.to_payload(), made once per collection (the usual case compares equal)."""
+        pose, pipeline = payload.get("pose") or {}, payload.get("pipeline")
+        return cls(pipeline == current or fingerprint.matches(pipeline), payload.get("dataset"),
+                   payload.get("content_hash"), tuple(payload.get(key) for key in STAMP_FIELDS), pose.get("up"),
                    tuple(pose["evidence"]) if pose.get("evidence") else None)
 
 
@@ -134,9 +135,10 @@ def prepare_collections(session: Session, targets: dict[str, Target], rebuild: b
         where = versions.get(name, name)
         session.vectors.ensure_collection(where, encoder.dim, index)
         known[name] = {}
+        current = fp.to_payload()
         for rec in session.vectors.records(where, fields=SYNC_FIELDS, vectors=True):  # streamed, page by page
             if is_unit(rec.vector):
-                stored = Stored.of(rec.payload, fp)
+                stored = Stored.of(rec.payload, fp, current)
                 known[name][shared.setdefault(rec.id, rec.id)] = shared.setdefault(stored, stored)
             else:  # every stored vector is unit length; anything else is damage: embed it again
                 log.warning("%s: point %s (%s) has a damaged vector; it will be embedded again",
