@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from m3d.meshio import Mesh, load_mesh
+from m3d.meshio import Mesh, load_mesh, write_off
 from m3d.orientation import DIRECTIONS, consensus, convention_prior, evidence, pose
 from m3d.pipeline import SyncOptions, sync
 from m3d.render import ViewSettings, create_renderer, posed
@@ -19,19 +19,6 @@ MODELNET = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / 
 Y_TO_Z = np.array([[1.0, 0, 0], [0, 0, -1], [0, 1, 0]])  # (x, y, z) -> (x, -z, y)
 Y_TO_X = np.array([[0.0, 1, 0], [0, 0, 1], [1, 0, 0]])  # (x, y, z) -> (y, z, x)
 SMALL = ViewSettings(views=4, size=96)
-
-
-def _turned(mesh: Mesh, rotation: np.ndarray) -> Mesh:
-    return Mesh(vertices=(mesh.vertices.astype(np.float64) @ rotation.T).astype(np.float32), faces=mesh.faces)
-
-
-def _write_off(mesh: Mesh, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = ["OFF", f"{len(mesh.vertices)} {len(mesh.faces)} 0"]
-    lines += [" ".join(f"{c:.7g}" for c in v) for v in mesh.vertices]
-    lines += [f"3 {a} {b} {c}" for a, b, c in mesh.faces]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def _silhouettes(mesh: Mesh, view: ViewSettings, dataset=None) -> np.ndarray:
@@ -63,7 +50,7 @@ def test_converted_meshes_get_the_same_pose_and_pictures(lpsb, name):
     ev = evidence(mesh)
     original = _silhouettes(mesh, SMALL)
     for conversion in (Y_TO_Z, Y_TO_X):
-        converted = _turned(mesh, conversion)
+        converted = posed(mesh, conversion)
         assert np.allclose(evidence(converted), _permuted(ev, conversion), atol=1e-6)
         again = _silhouettes(converted, SMALL)
         assert min(_iou(a, b) for a, b in zip(again, original)) > 0.99
@@ -122,6 +109,42 @@ def test_a_dataset_stored_upside_down_keeps_its_own_convention():
     assert consensus(agreeing[:1]).choose(agreeing[0])[0] != "-z"  # one such file alone: the prior wins
 
 
+def test_a_bad_evidence_row_does_not_vote_and_a_mixed_dataset_has_no_majority():
+    rng = np.random.default_rng(2)
+    z = DIRECTIONS.index("z")
+    agreeing = np.log(np.full((20, 6), 0.1))
+    agreeing[:, z] = np.log(0.5)
+    agreeing += rng.normal(0, 0.1, agreeing.shape)
+    clean = consensus(agreeing)
+    for bad in (np.full(6, np.nan), np.full(6, np.inf), np.zeros(5)):
+        poisoned = consensus(list(agreeing) + [bad])
+        assert poisoned.objects == 20 and np.allclose(poisoned.prior, clean.prior) and poisoned.majority == "z"
+    spread = consensus([_roll(agreeing[i], 2 * (i % 3)) for i in range(len(agreeing))])  # z, x and y files
+    assert spread.majority is None
+    assert all(spread.choose(e)[1] == "object" for e in agreeing)
+    assert consensus(agreeing[:1]).majority is None  # one file is not a dataset
+
+
+def test_a_lone_file_takes_its_formats_convention(tmp_path):
+    """Through a real sync: the ModelNet airplane alone is +z as OFF (no format rule: the positive axes
+    alike, its shape picks z) but +y as GLB, whose spec says +Y; one file has no dataset majority."""
+    import trimesh
+
+    if not MODELNET.is_dir():
+        pytest.skip("modelnet samples not found")
+    mesh = load_mesh(MODELNET / "airplane" / "train" / "airplane_0003.off")
+    options = SyncOptions(encoders=("hog",), pools=("mean",), workers=0, view=SMALL)
+    for suffix, up in ((".off", "z"), (".GLB", "y")):
+        folder = tmp_path / suffix[1:] / "Airplane"
+        folder.mkdir(parents=True)
+        trimesh.Trimesh(mesh.vertices, mesh.faces, process=False).export(folder / f"plane{suffix}", file_type=suffix[1:].lower())
+        with open_session(tmp_path / f"store-{suffix[1:]}") as session:
+            report = sync(session, folder.parent, options)
+            (record,) = session.vectors.records("m3d_hog_mean")
+        assert record.payload["pose"]["up"] == up, suffix
+        assert report.orientation["majority"] is None and report.orientation["against_majority"] == 0
+
+
 def _roll(ev: np.ndarray, k: int) -> np.ndarray:
     return np.roll(ev, k)
 
@@ -133,7 +156,7 @@ def test_sync_agrees_on_the_datasets_convention_and_queries_follow_it(lpsb, tmp_
     names = ["Chair/101.off", "Chair/103.off", "Chair/108.off", "Table/142.off", "Table/147.off", "Cup/21.off",
              "Human/2.off", "Vase/363.off"]
     for name in names:
-        _write_off(_turned(load_mesh(lpsb / name), Y_TO_Z), root / name)
+        write_off(posed(load_mesh(lpsb / name), Y_TO_Z), root / name)
     options = SyncOptions(encoders=("hog",), pools=("mean",), workers=0, view=SMALL)
     with open_session(tmp_path / "store") as session:
         report = sync(session, root, options)

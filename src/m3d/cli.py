@@ -247,8 +247,13 @@ def sync(
                    f"{r['encode_workers']} encode workers)")
         if s.orientation:
             o = s.orientation
-            _print(f"up (auto): dataset majority {o['majority']} (prior {o['prior'][o['majority']]:.2f} over "
-                   f"{o['objects']} objects); {o['against_majority']} objects turned against it on their own evidence")
+            if o["majority"]:
+                _print(f"up (auto): dataset majority {o['majority']} (prior {o['prior'][o['majority']]:.2f} over "
+                       f"{o['objects']} objects); {o['against_majority']} objects turned against it on their own evidence")
+            else:
+                ups = ", ".join(f"{d} {p:.2f}" for d, p in o["prior"].items() if p >= 0.05)
+                _print(f"up (auto): no dataset majority over {o['objects']} objects (prior {ups}): each object "
+                       f"by its own shape and file conventions")
         for skip in s.skipped[:10]:
             _print(f"  skipped {skip['rel_path']}: {skip['reason']}")
         if len(s.skipped) > 10:
@@ -549,8 +554,6 @@ def samples(
     _print(f"wrote {len(paths)} meshes to {output}")
 
 
-if __name__ == "__main__":
-    app()
 
 
 def run() -> None:
@@ -563,9 +566,9 @@ def run() -> None:
 
     try:
         code = app(standalone_mode=False)
-    except getattr(click_errors, "NoArgsIsHelpError", ()) as exc:  # `m3d` alone: the help, as asked
-        typer.echo(exc.ctx.get_help() if exc.ctx else exc.format_message())
-        sys.exit(2)
+    except getattr(click_errors, "NoArgsIsHelpError", ()) as exc:  # `m3d` alone: the help, as click shows it
+        exc.show()
+        sys.exit(exc.exit_code)
     except click_errors.UsageError as exc:
         where = exc.ctx.command_path if exc.ctx else "m3d"
         typer.echo(f"error: {printable(one_line(exc.format_message()))} (options: {where} --help)", err=True)
@@ -573,3 +576,7 @@ def run() -> None:
     except click_errors.Abort:  # ctrl-C at a prompt
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    run()

@@ -13,7 +13,7 @@ import numpy as np
 from ..connector import IndexSettings
 from ..dataset import MeshFile, content_hash, file_stamp
 from ..errors import StoreError
-from ..orientation import Decision, consensus, measure_files
+from ..orientation import Decision, consensus, measure_files, valid_evidence
 from ..render import ViewSettings
 from ..schemas import STAMP_FIELDS, SYNC_FIELDS, Fingerprint, collection_name
 from ..store import Session, is_unit
@@ -221,7 +221,7 @@ def plan_orientation(plan: Plan, files: list[MeshFile], known: dict[str, dict[st
     stored: dict[str, Stored] = {}
     for records in known.values():
         for pid, rec in records.items():
-            if rec.evidence:
+            if valid_evidence(rec.evidence):
                 stored.setdefault(pid, rec)
     measured = measure_files([t.file.path for t in plan.tasks], plan.render.max_faces, workers)
     evidence = {t.id: e for t, e in zip(plan.tasks, measured) if e is not None}
@@ -231,7 +231,8 @@ def plan_orientation(plan: Plan, files: list[MeshFile], known: dict[str, dict[st
             evidence[file.point_id] = np.asarray(stored[file.point_id].evidence, dtype=np.float64)
     suffixes = {f.point_id: f.path.suffix for f in files} | {t.id: t.file.path.suffix for t in plan.tasks}
     dataset = consensus(list(evidence.values()), [suffixes[pid] for pid in evidence])
-    decided = {pid: Decision(*dataset.choose(ev), tuple(float(x) for x in ev)) for pid, ev in evidence.items()}
+    decided = {pid: Decision(*dataset.choose(ev, suffixes[pid]), tuple(float(x) for x in ev))
+               for pid, ev in evidence.items()}
     plan.tasks = [replace(t, up=decided.get(t.id)) for t in plan.tasks]
     every = frozenset(target.encoder.name for target in targets.values())
     reoriented = 0
@@ -243,6 +244,6 @@ def plan_orientation(plan: Plan, files: list[MeshFile], known: dict[str, dict[st
             plan.updated += 1
             reoriented += 1
     plan.tasks.sort(key=lambda t: t.file.rel_path)
-    turned = sum(1 for d in decided.values() if d.up != dataset.majority)
+    turned = sum(1 for d in decided.values() if d.up != dataset.majority) if dataset.majority else 0
     plan.orientation = {"rule": "auto", **dataset.to_payload(), "against_majority": turned,
                         "reoriented": reoriented}  # unchanged files embedded again (counted in updated)
