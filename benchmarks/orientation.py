@@ -19,15 +19,12 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from m3d.meshio import Mesh, load_mesh  # noqa: E402
+from m3d.meshio import load_mesh  # noqa: E402
+from m3d.render import posed  # noqa: E402
 from m3d.orientation import (  # noqa: E402
     AXIS_ROTATIONS, DIRECTIONS, EVIDENCE_WEIGHT, FEATURE_MEAN, FEATURE_STD, FEATURES, WEIGHTS, consensus,
     convention_prior, features, log_softmax,
 )
-
-
-def turned(mesh: Mesh, rotation: np.ndarray) -> Mesh:
-    return Mesh(vertices=(mesh.vertices.astype(np.float64) @ rotation.T).astype(np.float32), faces=mesh.faces)
 
 
 def to_convention(up: str, convention: str) -> np.ndarray:
@@ -66,7 +63,7 @@ def main() -> None:
     if args.cache and args.cache.exists():
         raw = dict(np.load(args.cache))
     else:
-        raw = {conv: np.stack([features(turned(m, to_convention(truth[k], conv))) for k, m in meshes.items()])
+        raw = {conv: np.stack([features(posed(m, to_convention(truth[k], conv))) for k, m in meshes.items()])
                for conv in DIRECTIONS}
         raw["as_is"] = np.stack([features(m) for m in meshes.values()])
         if args.cache:

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from m3d.cli import app
-from m3d.meshio import Mesh, load_mesh
+from m3d.meshio import Mesh, load_mesh, write_off
 from m3d.orientation import AXIS_ROTATIONS, pca_rotation, pose
 from m3d.pipeline import SyncOptions, sync
 from m3d.render import ViewSettings, camera_positions, cameras, create_renderer, posed
@@ -25,11 +25,6 @@ CHAIR, PLANE = "Chair/101.off", "Airplane/61.off"
 # Proper rotations (det +1) that take a y-up mesh into other conventions (DESIGN.md, Orientation).
 Y_TO_Z = np.array([[1.0, 0, 0], [0, 0, -1], [0, 1, 0]])  # (x, y, z) -> (x, -z, y)
 Y_TO_X = np.array([[0.0, 1, 0], [0, 0, 1], [1, 0, 0]])  # (x, y, z) -> (y, z, x)
-
-
-def _turned(mesh: Mesh, rotation: np.ndarray) -> Mesh:
-    return Mesh(vertices=(mesh.vertices.astype(np.float64) @ np.asarray(rotation).T).astype(np.float32),
-                faces=mesh.faces)
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -67,7 +62,7 @@ def test_converted_mesh_with_its_up_renders_like_the_original(chair, renderer):
     base = ViewSettings(views=4, size=96, renderer=renderer, up="y")  # fixed +y: the mesh's own frame
     original = _render(chair, base)
     for conversion, up in ((Y_TO_Z, "z"), (Y_TO_X, "x")):
-        converted = _turned(chair, conversion)
+        converted = posed(chair, conversion)
         again = _render(converted, ViewSettings(views=4, size=96, renderer=renderer, up=up))
         assert all(_iou(a, b) > 0.99 for a, b in zip(again, original)), up
         wrong = _render(converted, base)
@@ -115,7 +110,7 @@ def test_pca_pose_is_the_same_whatever_the_rotation(chair):
     view = ViewSettings(views=6, size=96, layout="sphere", align="pca")
     original = _render(chair, view)
     for _ in range(3):
-        turned = _turned(chair, _random_rotation(rng))
+        turned = posed(chair, _random_rotation(rng))
         again = _render(turned, view)
         assert np.mean([_iou(a, b) for a, b in zip(again, original)]) > 0.97
     with pytest.raises(Exception, match="align"):
@@ -166,6 +161,13 @@ def test_a_store_written_before_view_settings_keeps_working(lpsb, tmp_path):
         again = sync(session, tree, hog)
         assert (again.added, again.updated, again.unchanged) == (0, 0, 4)  # not re-embedded
         assert all("up" not in r.payload["pipeline"] for r in session.vectors.records("m3d_hog_mean"))
+        extra = tree / "Cup" / "train" / "extra.off"
+        extra.write_bytes((lpsb / "Cup" / "22.off").read_bytes())
+        assert sync(session, tree, hog).added == 1  # a point in today's shape beside the old ones
+        (row,) = [r for r in session.check() if r["collection"] == "m3d_hog_mean"]
+        assert row["fingerprints"] == 1 and row["ok"], row  # one set of settings, written two ways
+        extra.unlink()
+        assert sync(session, tree, hog).removed == 1
         with pytest.raises(Exception, match=r"up: 'y' -> 'auto'.*--rebuild"):  # today's default: named, refused
             sync(session, tree, SyncOptions(encoders=("hog",), pools=("mean",), workers=0))
         with pytest.raises(Exception, match=r"layout: 'ring' -> 'sphere'.*--rebuild"):
@@ -197,10 +199,7 @@ def test_the_sphere_has_no_elevation_and_its_first_points_still_match():
 
 
 def _write_off(path, vertices, faces):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("OFF\n%d %d 0\n" % (len(vertices), len(faces))
-                    + "".join("%g %g %g\n" % tuple(v) for v in vertices)
-                    + "".join("3 %d %d %d\n" % tuple(f) for f in faces))
+    write_off(Mesh(vertices=np.asarray(vertices, dtype=np.float32), faces=np.asarray(faces)), path)
 
 
 def _box(thickness: float, height: float = 1.0) -> tuple[np.ndarray, np.ndarray]:

@@ -16,7 +16,7 @@ import numpy as np
 from .connector import VECTOR_PAGE, VectorStore, open_store
 from .connector.exact import ExactIndex
 from .connector.lock import StoreLock
-from .errors import StoreError, UsageError
+from .errors import M3DError, StoreError, UsageError
 from .schemas import COLLECTION_PREFIX, Fingerprint
 
 log = logging.getLogger("m3d")
@@ -267,7 +267,7 @@ class Session:
         count, prints, damaged, same = 0, set(), 0, index is not None
         for rec in self.vectors.records(name, fields=["pipeline"], vectors=True):
             count += 1
-            prints.add(json.dumps(rec.payload.get("pipeline"), sort_keys=True))
+            prints.add(_settings_key(rec.payload.get("pipeline")))
             damaged += not is_unit(rec.vector)
             if same:
                 row = index.row(rec.id)
@@ -419,3 +419,13 @@ def open_session(store_dir: Path, *, url: str | None = None, api_key: str | None
         lock.__exit__(None, None, None)
         raise
     return Session(store_dir, vectors, lock, created=created)
+
+
+def _settings_key(pipeline: dict | None) -> str:
+    """One key per set of settings: points written before a setting existed (or when the sphere still
+    recorded an elevation) read as what they were made with, so they count with their new neighbours."""
+    try:
+        pipeline = Fingerprint.from_payload(pipeline).to_payload()
+    except (AttributeError, KeyError, TypeError, M3DError):
+        pass  # unreadable: its raw form is its own key, and check says there is more than one
+    return json.dumps(pipeline, sort_keys=True)
