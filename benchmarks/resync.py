@@ -34,19 +34,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results" / "resync")
     parser.add_argument("--sync-args", default="", help="extra sync options, e.g. '--index-threshold 0'")
     parser.add_argument("--keep", action="store_true", help="keep the tree and store (their folder is printed)")
+    parser.add_argument("--reuse", type=Path, help="a folder kept by --keep: skip the first sync, time the rest again")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="m3d-resync-"))
+    work = args.reuse or Path(tempfile.mkdtemp(prefix="m3d-resync-"))
     env = {"PYTHONPATH": str(args.src.resolve()), "HF_HUB_OFFLINE": "1"}
     try:
-        tree = scaled_tree(args.data.resolve(), args.factor, work)
+        tree = (work / f"{args.data.name}-x{args.factor}" if args.reuse
+                else scaled_tree(args.data.resolve(), args.factor, work))
         store = work / "store"
         m3d = [sys.executable, "-m", "m3d.cli"]
         sync = [*m3d, "sync", str(tree), "--store", str(store), "--encoders", args.encoders, "--pools", args.pools,
                 "--json", *args.sync_args.split()]
-        steps = {"sync": run_mode("sync", sync, None, env, stdout_json=True)}
+        steps = {} if args.reuse else {"sync": run_mode("sync", sync, None, env, stdout_json=True)}
         steps["no-op re-sync"] = run_mode("no-op", sync, None, env, stdout_json=True)
-        victim = sorted(tree.rglob("*.off"))[0]
+        victim = next(p for p in sorted(tree.rglob("*.off")) if p.is_symlink())  # one not changed before
         other = sorted(tree.rglob("*.off"))[-1]
         victim.unlink()
         shutil.copyfile(other.resolve(), victim)
@@ -57,7 +59,7 @@ def main() -> None:
         stats = [f.stat() for f in store.rglob("*") if f.is_file()]
         store_mb = sum(st.st_size for st in stats) / 2**20
         allocated_mb = sum(st.st_blocks * 512 for st in stats) / 2**20  # preallocated files are sparse
-        objects = steps["sync"]["result"]["discovered"]
+        objects = steps["no-op re-sync"]["result"]["discovered"]
         rows = [f"objects: {objects:,} ({args.factor} x {args.data.name}), encoders {args.encoders}, pools {args.pools}, "
                 f"source {args.src}, store {store_mb:.0f} MB ({allocated_mb:.0f} MB allocated)", "",
                 "| step | wall s | CPU s | peak main MB (private) | peak workers MB | load before/after |",
@@ -69,14 +71,17 @@ def main() -> None:
         ratio = steps["one-file re-sync"]["wall_s"] / steps["no-op re-sync"]["wall_s"]
         cpu = steps["one-file re-sync"]["cpu_s"] / steps["no-op re-sync"]["cpu_s"]
         rows.append(f"\none-file / no-op re-sync: {ratio:.2f}x wall, {cpu:.2f}x CPU")
-        tag = f"x{args.factor}-{args.src.resolve().parent.name}"
-        raw = {k: {kk: vv for kk, vv in v.items() if kk != "result"} for k, v in steps.items()}
+        tag = f"x{args.factor}-{args.src.resolve().parent.name}" + ("-reuse" if args.reuse else "")
+        kept = ("added", "updated", "unchanged", "seconds", "index_seconds")  # of a sync's summary
+        raw = {k: {kk: vv for kk, vv in v.items() if kk != "result"}
+               | {kk: v["result"][kk] for kk in kept if isinstance(v["result"], dict) and kk in v["result"]}
+               for k, v in steps.items()}
         raw |= {"objects": objects, "store_mb": store_mb, "store_allocated_mb": allocated_mb}
         (args.out / f"{tag}.json").write_text(json.dumps(raw, indent=2))
         (args.out / f"{tag}.md").write_text("\n".join(rows) + "\n")
         print("\n".join(rows))
     finally:
-        if args.keep:
+        if args.keep or args.reuse:
             print(f"kept {work}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
