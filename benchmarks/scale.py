@@ -119,8 +119,11 @@ def via_session(n: int, dim: int, setting: str) -> dict:
         row["faiss_disk_allocated_bytes_per_point"] = disk_mb(root / "store" / "faiss", allocated=True) * 2**20 / n
         with open_session(root / "store", create=False) as session:
             start = time.perf_counter()
-            exact = session.exact(name)  # must be trusted as saved: a rebuild would log a warning
+            saved = (root / "store" / "faiss" / f"{name}.faiss").stat()
+            exact = session.exact(name)  # trusted as saved, or rebuilt (a new file) when not
             row["faiss_open_s"] = time.perf_counter() - start
+            now = (root / "store" / "faiss" / f"{name}.faiss").stat()
+            row["faiss_rebuilt"] = (now.st_ino, now.st_mtime_ns) != (saved.st_ino, saved.st_mtime_ns)
             row["faiss_trusted"] = session.vectors.generation(name) == exact.generation
             row["qdrant_points"], row["faiss_points"] = session.vectors.count(name), len(exact)
             lat = []
