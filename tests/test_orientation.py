@@ -19,6 +19,9 @@ MODELNET = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / 
 Y_TO_Z = np.array([[1.0, 0, 0], [0, 0, -1], [0, 1, 0]])  # (x, y, z) -> (x, -z, y)
 Y_TO_X = np.array([[0.0, 1, 0], [0, 0, 1], [1, 0, 0]])  # (x, y, z) -> (y, z, x)
 SMALL = ViewSettings(views=4, size=96)
+# LPSB meshes with a clear up, y-up as shipped
+NAMES = ["Chair/101.off", "Chair/103.off", "Chair/108.off", "Table/142.off", "Table/147.off", "Cup/21.off",
+         "Human/2.off", "Vase/363.off"]
 
 
 def _silhouettes(mesh: Mesh, view: ViewSettings, dataset=None) -> np.ndarray:
@@ -149,12 +152,36 @@ def _roll(ev: np.ndarray, k: int) -> np.ndarray:
     return np.roll(ev, k)
 
 
+def test_each_file_format_keeps_its_own_convention(lpsb, tmp_path):
+    """A library of 12 OBJ files y-up and 3 STL files z-up: one shared consensus turns two of the STL
+    minority to the OBJ majority (+y); each format has its own, so every object is upright."""
+    import trimesh
+
+    root = tmp_path / "mixed"
+    for name in NAMES + ["Chair/102.off", "Chair/107.off", "Table/143.off", "Human/3.off"]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        mesh = load_mesh(lpsb / name)
+        trimesh.Trimesh(mesh.vertices, mesh.faces, process=False).export(root / name.replace(".off", ".obj"))
+    for name in NAMES[:3]:
+        mesh = posed(load_mesh(lpsb / name), Y_TO_Z)
+        trimesh.Trimesh(mesh.vertices, mesh.faces, process=False).export(root / name.replace(".off", ".stl"))
+    options = SyncOptions(encoders=("hog",), pools=("mean",), workers=0, view=SMALL)
+    with open_session(tmp_path / "store") as session:
+        report = sync(session, root, options)
+        ups = {r.payload["path"]: r.payload["pose"]["up"] for r in session.vectors.records("m3d_hog_mean")}
+    assert report.added == 15
+    assert {p: u for p, u in ups.items() if p.endswith(".stl")} == {n.replace(".off", ".stl"): "z" for n in NAMES[:3]}
+    assert {u for p, u in ups.items() if p.endswith(".obj")} == {"y"}
+    formats = report.orientation["formats"]
+    assert (formats[".obj"]["majority"], formats[".stl"]["majority"]) == ("y", "z")
+    assert report.orientation["majority"] is None and report.orientation["against_majority"] == 0
+
+
 def test_sync_agrees_on_the_datasets_convention_and_queries_follow_it(lpsb, tmp_path):
     """A tree written z-up (as ModelNet is): every object is turned z-up, the summary says so, each
     payload records it; a re-sync embeds nothing; a query mesh from the same convention finds itself."""
     root = tmp_path / "zup"
-    names = ["Chair/101.off", "Chair/103.off", "Chair/108.off", "Table/142.off", "Table/147.off", "Cup/21.off",
-             "Human/2.off", "Vase/363.off"]
+    names = NAMES
     for name in names:
         write_off(posed(load_mesh(lpsb / name), Y_TO_Z), root / name)
     options = SyncOptions(encoders=("hog",), pools=("mean",), workers=0, view=SMALL)

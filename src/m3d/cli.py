@@ -247,7 +247,12 @@ def sync(
                    f"{r['encode_workers']} encode workers)")
         if s.orientation:
             o = s.orientation
-            if o["majority"]:
+            if o.get("formats"):  # one consensus per file format
+                each = ", ".join(f"{sfx or '(none)'} {g['majority'] or 'no majority'} ({g['objects']})"
+                                 for sfx, g in o["formats"].items())
+                _print(f"up (auto), per file format: {each}; {o['against_majority']} objects turned against "
+                       f"their format's majority on their own evidence")
+            elif o["majority"]:
                 _print(f"up (auto): dataset majority {o['majority']} (prior {o['prior'][o['majority']]:.2f} over "
                        f"{o['objects']} objects); {o['against_majority']} objects turned against it on their own evidence")
             else:

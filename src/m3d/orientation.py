@@ -17,12 +17,12 @@ refits it and measures it on held-out classes) into a log-probability per direct
 equivariant (rotating a mesh by an axis permutation permutes its evidence the same way), so the shape
 alone says the same of a mesh in any of the six conventions. Conventions: before any shape is seen,
 files are up along +x, +y or +z (upside-down files are rare) and a glTF file along +Y, its spec's axis.
-Consensus: the dataset's prior over the six directions, a MAP estimate by EM from all its objects'
-evidence with the conventions as a few pseudo-objects; each object then takes the direction with the
-highest prior x (tempered) evidence. Where the objects agree (ModelNet: +z) the prior is peaked and
-every object, ambiguous ones included, gets the dataset's convention unless its own evidence is
-overwhelming; on a mixed library the prior is spread and each object leans on its own evidence; a lone
-file gets the conventions as its prior.
+Consensus, one per file format of a dataset (`DatasetUp`): the prior over the six directions, a MAP
+estimate by EM from that format's objects' evidence with the conventions as a few pseudo-objects. Where
+one direction holds at least half of it (ModelNet: +z) the objects agree, and each takes the direction
+with the highest prior x (tempered) evidence: ambiguous shapes get the dataset's convention unless their
+own evidence is overwhelming. Where no direction does (a mixed library), and for a lone file, each
+object takes its own evidence under its file's conventions.
 
 Every rotation here is a pure axis permutation with signs (or, for pca, an orthonormal basis): the mesh
 keeps its centre and its size, so framing does not change.
@@ -303,7 +303,44 @@ def consensus(evidences: list[np.ndarray] | np.ndarray, suffixes: list[str] | No
     return Consensus(prior, len(ev))
 
 
-def pose(mesh: Mesh, view: ViewSettings, dataset: Consensus | None = None,
+@dataclass(frozen=True)
+class DatasetUp:
+    """A dataset's consensus, one per file format: files of one format usually come from one exporter
+    and share its convention (STL z-up, glTF y-up), so a library mixing formats does not make each
+    format follow the other's majority. A dataset of one format is one consensus, as before."""
+
+    formats: dict[str, Consensus]  # lower-case suffix -> the consensus of that format's objects
+
+    def choose(self, object_evidence: np.ndarray, suffix: str = "") -> tuple[str, str]:
+        """(direction, source) by the consensus of the object's format (alone if the format is new)."""
+        group = self.formats.get(suffix.lower()) or consensus([object_evidence], [suffix])
+        return group.choose(object_evidence, suffix)
+
+    def majority_of(self, suffix: str) -> str | None:
+        group = self.formats.get(suffix.lower())
+        return group.majority if group else None
+
+    def to_payload(self) -> dict:
+        """The summary's view: the whole dataset's prior, each format's own majority when there are several."""
+        groups = list(self.formats.values())
+        objects = sum(g.objects for g in groups)
+        prior = sum(g.prior * g.objects for g in groups) / max(objects, 1) if groups else convention_prior()
+        out = {"majority": groups[0].majority if len(groups) == 1 else None, "objects": objects,
+               "prior": {d: round(float(p), 4) for d, p in zip(DIRECTIONS, prior)}}
+        if len(groups) > 1:
+            out["formats"] = {sfx: {"majority": g.majority, "objects": g.objects} for sfx, g in self.formats.items()}
+        return out
+
+
+def dataset_up(evidences: list, suffixes: list[str]) -> DatasetUp:
+    """The consensus of each file format among these objects (evidence rows with their file suffixes)."""
+    by_format: dict[str, list] = {}
+    for ev, suffix in zip(evidences, suffixes):
+        by_format.setdefault(suffix.lower(), []).append(ev)
+    return DatasetUp({sfx: consensus(rows, [sfx] * len(rows)) for sfx, rows in sorted(by_format.items())})
+
+
+def pose(mesh: Mesh, view: ViewSettings, dataset: DatasetUp | None = None,
          object_evidence: np.ndarray | None = None, suffix: str = "") -> Pose:
     """The pose the view settings ask for, for one mesh; with ``up="auto"`` the dataset's consensus
     (None: the mesh's own evidence and its file format's convention) and the mesh's evidence
@@ -351,9 +388,9 @@ def measure_files(paths: list[Path], max_faces: int, workers: int) -> list[np.nd
         return list(pool.map(partial(measure, max_faces=max_faces), paths, chunksize=8))
 
 
-def stored_consensus(payloads: Iterable[dict]) -> Consensus | None:
+def stored_consensus(payloads: Iterable[dict]) -> DatasetUp | None:
     """The consensus of stored objects, from the evidence their "pose" payloads kept and the suffix of
     their "path" (None if no payload kept evidence)."""
     found = [(p["pose"]["evidence"], Path(p.get("path") or "").suffix) for p in payloads
              if valid_evidence((p.get("pose") or {}).get("evidence"))]
-    return consensus([e for e, _ in found], [s for _, s in found]) if found else None
+    return dataset_up([e for e, _ in found], [s for _, s in found]) if found else None

@@ -20,7 +20,7 @@ import numpy as np
 from .connector import Hit, SearchSettings
 from .errors import M3DError, MeshError, ModelLoadError, StoreError, UsageError
 from .meshio import Mesh, load_mesh
-from .orientation import Consensus, pose, stored_consensus
+from .orientation import DatasetUp, pose, stored_consensus
 from .render import BACKGROUND, create_renderer, posed
 from .schemas import Fingerprint
 from .store import Session
@@ -76,7 +76,7 @@ def load_named(mesh_path: Path) -> Mesh:
 
 
 def render_views(mesh_path: Path, fp: Fingerprint, stored_pose: dict | None = None,
-                 dataset: Consensus | None = None) -> np.ndarray:
+                 dataset: DatasetUp | None = None) -> np.ndarray:
     """A mesh rendered exactly as the collection's objects were: with the rotation a stored object
     recorded (stored_pose), or, for a new mesh, the pose the collection's rule gives it (with --up
     auto: its own evidence under the collection's consensus, `dataset`)."""
@@ -84,7 +84,7 @@ def render_views(mesh_path: Path, fp: Fingerprint, stored_pose: dict | None = No
 
 
 def render_mesh(mesh: Mesh, fp: Fingerprint, stored_pose: dict | None = None,
-                dataset: Consensus | None = None, suffix: str = "") -> np.ndarray:
+                dataset: DatasetUp | None = None, suffix: str = "") -> np.ndarray:
     rotation = (np.asarray(stored_pose["rotation"]) if stored_pose
                 else pose(mesh, fp.view, dataset, suffix=suffix).rotation)
     renderer = create_renderer(fp.view)
@@ -94,7 +94,7 @@ def render_mesh(mesh: Mesh, fp: Fingerprint, stored_pose: dict | None = None,
         renderer.close()
 
 
-def collection_consensus(session: Session, name: str) -> Consensus | None:
+def collection_consensus(session: Session, name: str) -> DatasetUp | None:
     """The up-axis consensus of a collection's objects (auto collections keep each object's evidence)."""
     return stored_consensus(rec.payload for rec in session.vectors.records(name, fields=["pose", "path"]))
 
@@ -191,7 +191,7 @@ def choose_collection(session: Session, collection: str | None, kind: str = "mes
 
 
 def query_vector(session: Session, q: Query, fp: Fingerprint, *, checkpoint: Path | None = None,
-                 device: str | None = None, dataset: Consensus | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                 device: str | None = None, dataset: DatasetUp | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """The unit query vector in the collection's space, and the views it came from (None for text);
     a mesh is posed by the collection's rule (`dataset`: its up-axis consensus, for --up auto)."""
     import torch

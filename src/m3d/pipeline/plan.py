@@ -13,7 +13,7 @@ import numpy as np
 from ..connector import IndexSettings
 from ..dataset import MeshFile, content_hash, file_stamp
 from ..errors import StoreError
-from ..orientation import Decision, consensus, measure_files, valid_evidence
+from ..orientation import Decision, dataset_up, measure_files, valid_evidence
 from ..render import ViewSettings
 from ..schemas import STAMP_FIELDS, SYNC_FIELDS, Fingerprint, collection_name
 from ..store import Session, is_unit
@@ -230,7 +230,7 @@ def plan_orientation(plan: Plan, files: list[MeshFile], known: dict[str, dict[st
         if file.point_id not in queued and file.point_id in stored:
             evidence[file.point_id] = np.asarray(stored[file.point_id].evidence, dtype=np.float64)
     suffixes = {f.point_id: f.path.suffix for f in files} | {t.id: t.file.path.suffix for t in plan.tasks}
-    dataset = consensus(list(evidence.values()), [suffixes[pid] for pid in evidence])
+    dataset = dataset_up(list(evidence.values()), [suffixes[pid] for pid in evidence])
     decided = {pid: Decision(*dataset.choose(ev, suffixes[pid]), tuple(float(x) for x in ev))
                for pid, ev in evidence.items()}
     plan.tasks = [replace(t, up=decided.get(t.id)) for t in plan.tasks]
@@ -244,6 +244,7 @@ def plan_orientation(plan: Plan, files: list[MeshFile], known: dict[str, dict[st
             plan.updated += 1
             reoriented += 1
     plan.tasks.sort(key=lambda t: t.file.rel_path)
-    turned = sum(1 for d in decided.values() if d.up != dataset.majority) if dataset.majority else 0
+    turned = sum(1 for pid, d in decided.items()  # against the majority of its own format, where one agrees
+                 if (majority := dataset.majority_of(suffixes[pid])) and d.up != majority)
     plan.orientation = {"rule": "auto", **dataset.to_payload(), "against_majority": turned,
                         "reoriented": reoriented}  # unchanged files embedded again (counted in updated)
