@@ -66,6 +66,29 @@ def peak_mb() -> float:
     return float("nan")
 
 
+class PrivatePeak:
+    """Peak private memory (RssAnon) of this process while a block runs, sampled every 0.1 s."""
+
+    def __enter__(self) -> "PrivatePeak":
+        import threading
+
+        self.mb, self._halt = 0.0, threading.Event()
+
+        def sample() -> None:
+            while not self._halt.wait(0.1):
+                for line in Path("/proc/self/status").read_text().splitlines():
+                    if line.startswith("RssAnon:"):
+                        self.mb = max(self.mb, int(line.split()[1]) / 1024)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._halt.set()
+        self._thread.join()
+
+
 def rss_mb() -> float:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -81,16 +104,16 @@ def load() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def via_session(n: int, dim: int, setting: str) -> dict:
+def via_session(n: int, dim: int, setting: str, queries_n: int = QUERIES) -> dict:
     """m3d's own write path at scale: Session.upsert (Qdrant + the FAISS file, batch by batch), finish
     (index build + FAISS commit), then a fresh session that must trust the saved FAISS file (generation
-    + sampled rows) and answers recall@10 of Qdrant against it, and `m3d check`-style row counts."""
+    + sampled rows) and answers recall@10 of Qdrant against it, and runs `m3d check` (Session.check)."""
     from m3d.connector import IndexSettings, SearchSettings
     from m3d.store import open_session
 
     kwargs, efs = SETTINGS[setting]
     vectors = mixture(n, dim, seed=0)
-    queries = mixture(QUERIES, dim, seed=0)[:QUERIES]
+    queries = mixture(QUERIES, dim, seed=0)[:queries_n]
     ids = [f"{i:08x}-0000-4000-8000-000000000000" for i in range(n)]
     name = "m3d_scale_mean"
     root = Path(tempfile.mkdtemp(prefix="m3d-scale-", dir=os.environ.get("SCALE_TMP")))
@@ -145,7 +168,14 @@ def via_session(n: int, dim: int, setting: str) -> dict:
                     hits += len({h.id for h in answer} & set(t_ids))
                 row["sweep"].append({"hnsw_ef": ef, "recall@10": hits / (K * len(queries)),
                                      "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))})
-        row["peak_rss_check_mb"] = peak_mb()
+            row["peak_rss_query_mb"] = peak_mb()
+            reset_peak()
+            start = time.perf_counter()
+            with PrivatePeak() as private:
+                checked = session.check()
+            row["check_s"] = time.perf_counter() - start
+            row["check_ok"] = all(r["ok"] for r in checked)
+            row["peak_rss_check_mb"], row["peak_private_check_mb"] = peak_mb(), private.mb
         row["data_mb"] = n * dim * 4 / 2**20
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -236,13 +266,15 @@ def main() -> None:
     parser.add_argument("--dims", default="512,768")
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/scale"))
+    parser.add_argument("--queries", type=int, default=QUERIES, help="queries per row (--session)")
     parser.add_argument("--session", action="store_true",
                         help="write through m3d's Session (Qdrant + FAISS file) and check from a fresh one")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # n,dim,setting: run one in this process
     args = parser.parse_args()
     if args.one:
         n, dim, setting = args.one.split(",")
-        print(json.dumps((via_session if args.session else one)(int(n), int(dim), setting)))
+        run = via_session(int(n), int(dim), setting, args.queries) if args.session else one(int(n), int(dim), setting)
+        print(json.dumps(run))
         return
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -250,7 +282,7 @@ def main() -> None:
         for dim in map(int, args.dims.split(",")):
             for setting in args.settings.split(","):
                 done = subprocess.run([sys.executable, __file__, "--one", f"{n},{dim},{setting}",
-                                       *(["--session"] if args.session else [])],
+                                       *(["--session", "--queries", str(args.queries)] if args.session else [])],
                                       capture_output=True, text=True)
                 if done.returncode != 0:
                     print(f"{n} x {dim} {setting}: failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
