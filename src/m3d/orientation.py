@@ -188,6 +188,7 @@ def features(mesh: Mesh) -> np.ndarray:
     total = max(float(hull_area.sum()), 1e-12)
     tree = cKDTree(points)
     centre = (points.max(axis=0) + points.min(axis=0)) / 2
+    per_axis = [_axis_measures(points, tree, centre, cov, axis) for axis in range(3)]  # shared by +a and -a
     out = np.zeros((len(DIRECTIONS), len(FEATURES)))
     base = {}
     for row, direction in enumerate(DIRECTIONS):
@@ -200,18 +201,31 @@ def features(mesh: Mesh) -> np.ndarray:
         h = sign * points[:, axis]
         lo, hi = float(h.min()), float(h.max())
         extent = max(hi - lo, 1e-12)
-        flat = [i for i in range(3) if i != axis]
-        full = max(_area2(points[:, flat]), 1e-12)
-        slab = (_area2(points[h < lo + SLAB * extent][:, flat]) - _area2(points[h > hi - SLAB * extent][:, flat])) / full
-        mirrored = points.copy()
-        mirrored[:, axis] = 2 * centre[axis] - mirrored[:, axis]
-        asym = float(tree.query(mirrored)[0].mean())
-        spread = np.linalg.eigvalsh(cov[np.ix_(flat, flat)])  # ascending
-        iso = float(spread[0] / max(spread[1], 1e-12))  # 1: round in plan (a vase, a cup), 0: a line
+        low_end, high_end, full, asym, iso = per_axis[axis]
+        slab = (low_end - high_end) / full if sign > 0 else (high_end - low_end) / full
         out[row] = [base[direction], 0.0, stable, (sign * centroid[axis] - lo) / extent, asym, slab, iso]
     for row, direction in enumerate(DIRECTIONS):  # the opposite direction's base is this one's top
         out[row, 1] = base[direction[1:] if direction.startswith("-") else "-" + direction]
     return out
+
+
+def _axis_measures(points: np.ndarray, tree, centre: np.ndarray, cov: np.ndarray,
+                   axis: int) -> tuple[float, float, float, float, float]:
+    """What +axis and -axis share (half the work of features): the plan areas of the low and the high
+    end slabs, the whole plan area, the mirror asymmetry across the mid-plane and the plan's roundness."""
+    h = points[:, axis]
+    lo, hi = float(h.min()), float(h.max())
+    extent = max(hi - lo, 1e-12)
+    flat = [i for i in range(3) if i != axis]
+    full = max(_area2(points[:, flat]), 1e-12)
+    low_end = _area2(points[h < lo + SLAB * extent][:, flat])
+    high_end = _area2(points[h > hi - SLAB * extent][:, flat])
+    mirrored = points.copy()
+    mirrored[:, axis] = 2 * centre[axis] - mirrored[:, axis]
+    asym = float(tree.query(mirrored)[0].mean())
+    spread = np.linalg.eigvalsh(cov[np.ix_(flat, flat)])  # ascending
+    iso = float(spread[0] / max(spread[1], 1e-12))  # 1: round in plan (a vase, a cup), 0: a line
+    return low_end, high_end, full, asym, iso
 
 
 def _inside_any(point: np.ndarray, triangles: np.ndarray, axis: int) -> float:
