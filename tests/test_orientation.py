@@ -79,12 +79,16 @@ def test_modelnet_samples_stand_upright_with_default_settings():
         assert sum(map(_wide_and_low, _silhouettes(mesh, ViewSettings(views=8, size=96, up="y")))) <= 4, name
 
 
+def _agreeing(n: int, direction: str, seed: int) -> np.ndarray:
+    """Evidence of n objects that mildly agree on one direction (0.5 against 0.1 each, plus noise)."""
+    ev = np.log(np.full((n, 6), 0.1))
+    ev[:, DIRECTIONS.index(direction)] = np.log(0.5)
+    return ev + np.random.default_rng(seed).normal(0, 0.1, ev.shape)
+
+
 def test_consensus_flat_for_one_object_peaked_for_agreeing_ones():
-    rng = np.random.default_rng(0)
     z = DIRECTIONS.index("z")
-    agreeing = np.log(np.full((40, 6), 0.1))
-    agreeing[:, z] = np.log(0.5)
-    agreeing += rng.normal(0, 0.1, agreeing.shape)
+    agreeing = _agreeing(40, "z", seed=0)
     sphere = np.log(np.full(6, 1 / 6))  # no evidence either way
     confident_x = np.log(np.array([1 - 5e-12, 1e-12, 1e-12, 1e-12, 1e-12, 1e-12]))
     c = consensus(list(agreeing) + [sphere, confident_x])
@@ -101,11 +105,7 @@ def test_consensus_flat_for_one_object_peaked_for_agreeing_ones():
 def test_a_dataset_stored_upside_down_keeps_its_own_convention():
     """The conventions' prior turns a lone ambiguous file right way up, but a dataset whose objects agree
     on -z (files stored upside down throughout) is not overruled by it."""
-    rng = np.random.default_rng(1)
-    minus_z = DIRECTIONS.index("-z")
-    agreeing = np.log(np.full((30, 6), 0.1))
-    agreeing[:, minus_z] = np.log(0.5)
-    agreeing += rng.normal(0, 0.1, agreeing.shape)
+    agreeing = _agreeing(30, "-z", seed=1)
     c = consensus(agreeing)
     assert c.majority == "-z"
     assert all(c.choose(e)[0] == "-z" for e in agreeing)
@@ -113,11 +113,7 @@ def test_a_dataset_stored_upside_down_keeps_its_own_convention():
 
 
 def test_a_bad_evidence_row_does_not_vote_and_a_mixed_dataset_has_no_majority():
-    rng = np.random.default_rng(2)
-    z = DIRECTIONS.index("z")
-    agreeing = np.log(np.full((20, 6), 0.1))
-    agreeing[:, z] = np.log(0.5)
-    agreeing += rng.normal(0, 0.1, agreeing.shape)
+    agreeing = _agreeing(20, "z", seed=2)
     clean = consensus(agreeing)
     for bad in (np.full(6, np.nan), np.full(6, np.inf), np.zeros(5)):
         poisoned = consensus(list(agreeing) + [bad])
