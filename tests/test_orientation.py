@@ -173,6 +173,34 @@ def test_each_file_format_keeps_its_own_convention(lpsb, tmp_path):
     assert report.orientation["majority"] is None and report.orientation["against_majority"] == 0
 
 
+def test_evidence_from_another_model_is_measured_again(lpsb, tmp_path):
+    """Points whose stored evidence an older model made (no "model", other numbers): the next sync
+    measures them again; where the decision stands only the pose payload is rewritten, where it moves
+    the object is embedded again."""
+    from m3d.orientation import EVIDENCE_MODEL
+
+    root = tmp_path / "tree"
+    for name in NAMES[:4]:
+        write_off(load_mesh(lpsb / name), root / name)
+    options = SyncOptions(encoders=("hog",), pools=("mean",), workers=0, view=SMALL)
+    with open_session(tmp_path / "store") as session:
+        sync(session, root, options)
+        fresh = {r.id: r.payload for r in session.vectors.records("m3d_hog_mean")}
+        assert {p["pose"]["model"] for p in fresh.values()} == {EVIDENCE_MODEL}
+        first, *rest = sorted(fresh)
+        old = {pid: {"pose": {**{k: v for k, v in fresh[pid]["pose"].items() if k != "model"},
+                              "evidence": [0.0] * 6}} for pid in rest}  # an older model's (flat) numbers
+        x_up = [[0.0, 0, 1], [1, 0, 0], [0, 1, 0]]  # and one object stored x-up on an older model's word
+        old[first] = {"pose": {"up": "x", "source": "object", "rotation": x_up, "evidence": [0, -9, -9, -9, -9, -9]}}
+        session.vectors.set_payload("m3d_hog_mean", old)
+        again = sync(session, root, options)
+        assert (again.updated, again.unchanged, again.orientation["reoriented"]) == (1, 3, 1)
+        now = {r.id: r.payload for r in session.vectors.records("m3d_hog_mean")}
+    assert {p["pose"]["model"] for p in now.values()} == {EVIDENCE_MODEL}
+    assert all(now[pid]["pose"]["evidence"] == fresh[pid]["pose"]["evidence"] for pid in fresh)
+    assert now[first]["pose"]["up"] == fresh[first]["pose"]["up"] != "x"
+
+
 def test_sync_agrees_on_the_datasets_convention_and_queries_follow_it(lpsb, tmp_path):
     """A tree written z-up (as ModelNet is): every object is turned z-up, the summary says so, each
     payload records it; a re-sync embeds nothing; a query mesh from the same convention finds itself."""

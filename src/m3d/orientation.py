@@ -30,6 +30,7 @@ keeps its centre and its size, so framing does not change.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
@@ -69,6 +70,7 @@ class Pose:
                "rotation": [[round(float(x), 6) for x in row] for row in self.rotation]}
         if self.evidence is not None:  # kept so a later sync or a query recomputes the consensus
             out["evidence"] = [round(float(x), 4) for x in self.evidence]
+            out["model"] = EVIDENCE_MODEL
         return out
 
 
@@ -138,6 +140,10 @@ AGREEMENT = 0.5
 # weight 0.25 -> 0.64 / 0.89; 0.5 -> 0.61 / 0.78; the full weight in the EM (as before) 0.60 / 0.80.
 EVIDENCE_WEIGHT = 0.25
 EM_ROUNDS = 20
+# Which measurements and weights made a stored evidence: a sync measures again the stored objects whose
+# evidence another model made, so one dataset's consensus never mixes two models' numbers.
+EVIDENCE_MODEL = hashlib.sha256(repr((FEATURES, SAMPLES, SLAB, BASE_DEGREES, FEATURE_MEAN.tolist(),
+                                      FEATURE_STD.tolist(), WEIGHTS.tolist())).encode()).hexdigest()[:12]
 
 
 def _sign(direction: str) -> tuple[int, float]:

@@ -73,7 +73,7 @@ def sync(
     report.unchanged, report.added, report.updated = plan.unchanged, plan.added, plan.updated
     report.removed = len(plan.remove)
     for name, stamps in plan.restamp.items():
-        session.vectors.set_payload(plan.versions.get(name, name), stamps)  # next time these files are known by their stamp again
+        session.vectors.set_payload(plan.versions.get(name, name), stamps)  # new stamps, re-measured poses
     log.info("plan: %d to embed (%d new, %d changed), %d unchanged, %d removed", len(plan.tasks), plan.added,
              plan.updated, plan.unchanged, len(plan.remove))
 

@@ -13,7 +13,7 @@ import numpy as np
 from ..connector import IndexSettings
 from ..dataset import MeshFile, content_hash, file_stamp
 from ..errors import StoreError
-from ..orientation import Decision, dataset_up, measure_files, valid_evidence
+from ..orientation import EVIDENCE_MODEL, Decision, dataset_up, measure_files, valid_evidence
 from ..render import ViewSettings
 from ..schemas import STAMP_FIELDS, SYNC_FIELDS, Fingerprint, collection_name
 from ..store import Session, is_unit
@@ -52,8 +52,9 @@ class Stored(NamedTuple):
     dataset: str | None
     content_hash: str | None
     stamp: tuple  # the STAMP_FIELDS values the file had
-    up: str | None  # --up auto: the decision stored, and the evidence it was made from
+    up: str | None  # --up auto: the decision stored, and the evidence it was made from (by which model)
     evidence: tuple[float, ...] | None
+    model: str | None
 
     @classmethod
     def of(cls, payload: dict, fingerprint: Fingerprint, current: dict) -> "Stored":
@@ -61,7 +62,7 @@ class Stored(NamedTuple):
         pose, pipeline = payload.get("pose") or {}, payload.get("pipeline")
         return cls(pipeline == current or fingerprint.matches(pipeline), payload.get("dataset"),
                    payload.get("content_hash"), tuple(payload.get(key) for key in STAMP_FIELDS), pose.get("up"),
-                   tuple(pose["evidence"]) if pose.get("evidence") else None)
+                   tuple(pose["evidence"]) if pose.get("evidence") else None, pose.get("model"))
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,8 @@ class Plan:
     added: int = 0
     updated: int = 0
     unchanged: int = 0
-    restamp: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # collection -> id -> new stamp
+    # collection -> id -> payload keys to rewrite without a render: a new stamp, a pose measured again
+    restamp: dict[str, dict[str, dict]] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)  # collection -> new version written in its place
     orientation: dict | None = None  # --up auto: the dataset's consensus and how many objects left it
 
@@ -214,7 +216,9 @@ def plan_orientation(plan: Plan, files: list[MeshFile], known: dict[str, dict[st
 
     Evidence comes from the stored payloads for unchanged objects and is measured (in `workers`
     processes) for the tasks; the dataset's consensus then decides each object. An unchanged object
-    whose decision moved (the dataset's majority changed with new files) becomes a task too."""
+    whose decision moved (the dataset's majority changed with new files) becomes a task too. Stored
+    evidence that another model made is measured again; where the decision stands, only the stored pose
+    is rewritten (no render)."""
     view = plan.render.view
     if view.up != "auto" or view.align != "none":
         return
@@ -223,12 +227,17 @@ def plan_orientation(plan: Plan, files: list[MeshFile], known: dict[str, dict[st
         for pid, rec in records.items():
             if valid_evidence(rec.evidence):
                 stored.setdefault(pid, rec)
-    measured = measure_files([t.file.path for t in plan.tasks], plan.render.max_faces, workers)
-    evidence = {t.id: e for t, e in zip(plan.tasks, measured) if e is not None}
     queued = {t.id for t in plan.tasks}
+    stale = [f for f in files if f.point_id not in queued and f.point_id in stored
+             and stored[f.point_id].model != EVIDENCE_MODEL]
+    measured = measure_files([t.file.path for t in plan.tasks] + [f.path for f in stale],
+                             plan.render.max_faces, workers)
+    evidence = {t.id: e for t, e in zip(plan.tasks, measured) if e is not None}
+    remeasured = {f.point_id: e for f, e in zip(stale, measured[len(plan.tasks):]) if e is not None}
     for file in files:
-        if file.point_id not in queued and file.point_id in stored:
-            evidence[file.point_id] = np.asarray(stored[file.point_id].evidence, dtype=np.float64)
+        pid = file.point_id
+        if pid not in queued and pid in stored:
+            evidence[pid] = remeasured[pid] if pid in remeasured else np.asarray(stored[pid].evidence, dtype=np.float64)
     suffixes = {f.point_id: f.path.suffix for f in files} | {t.id: t.file.path.suffix for t in plan.tasks}
     dataset = dataset_up(list(evidence.values()), [suffixes[pid] for pid in evidence])
     decided = {pid: Decision(*dataset.choose(ev, suffixes[pid]), tuple(float(x) for x in ev))
@@ -243,6 +252,10 @@ def plan_orientation(plan: Plan, files: list[MeshFile], known: dict[str, dict[st
             plan.unchanged -= 1
             plan.updated += 1
             reoriented += 1
+        elif pid in remeasured:  # the same decision from today's model: the stored pose says so from now on
+            for name, records in known.items():
+                if pid in records:
+                    plan.restamp.setdefault(name, {}).setdefault(pid, {})["pose"] = decided[pid].pose().to_payload()
     plan.tasks.sort(key=lambda t: t.file.rel_path)
     turned = sum(1 for pid, d in decided.items()  # against the majority of its own format, where one agrees
                  if (majority := dataset.majority_of(suffixes[pid])) and d.up != majority)
