@@ -55,3 +55,61 @@ def test_rows_changed_without_a_commit_describe_no_generation(tmp_path):
     index.commit("g2")
     again = ExactIndex.load(tmp_path, "m3d_t_mean")
     assert again.generation == "g2" and again.vectors[again.row(ids[0])][0] == -1.0
+
+
+def test_a_refused_batch_changes_nothing(tmp_path):
+    """An id that cannot be stored (not a UUID) refuses the whole batch before any row moves: the other
+    new ids of that batch are unknown afterwards, and removing one of them touches nothing."""
+    rows = np.eye(DIM, dtype=np.float32)[:4]
+    index = ExactIndex.build(tmp_path, "m3d_t_mean", DIM, "m3d_t_mean")
+    index.upsert([_pid(i) for i in range(3)], rows[:3])
+    try:
+        index.upsert([_pid(7), "x" * 40], rows[:2])
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("an id of 40 characters was stored")
+    assert index.row(_pid(7)) is None and len(index) == 3
+    index.remove([_pid(7)])
+    index.commit("g1")
+    index.move_to(tmp_path, "m3d_t_mean")
+    saved = ExactIndex.load(tmp_path, "m3d_t_mean")
+    assert saved.ids == [_pid(i) for i in range(3)] and saved.generation == "g1"
+    np.testing.assert_array_equal(saved.vectors, rows[:3])
+
+
+def test_a_growth_that_fails_leaves_the_index_and_no_partial_file(tmp_path):
+    """The file may not grow (a real limit: RLIMIT_FSIZE, as a full disk would refuse): the upsert that
+    needs room fails, the index keeps its rows and answers, and no `.grow` file is left."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import resource, signal, sys
+        import numpy as np
+        from pathlib import Path
+        from m3d.connector.exact import ExactIndex
+        pid = lambda i: f"{{i:08x}}-0000-4000-8000-000000000000"
+        root = Path(sys.argv[1])
+        index = ExactIndex.build(root, "m3d_t_mean", {DIM}, "m3d_t_mean")
+        index.upsert([pid(i) for i in range(16)], np.eye({DIM}, dtype=np.float32)[np.arange(16) % {DIM}])
+        index.move_to(root, "m3d_t_mean")
+        index.commit("g1")
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        size = (root / "m3d_t_mean.faiss").stat().st_size
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size + 100, size + 100))
+        try:
+            index.upsert([pid(100)], np.ones((1, {DIM}), np.float32))
+        except OSError as exc:
+            print("refused", exc.errno)
+        print("rows", len(index), index.search(np.eye({DIM}, dtype=np.float32)[:1], 1)[1][0][0] == pid(0))
+        print("files", sorted(p.name for p in root.iterdir()))
+    """)
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("refused") and lines[1] == "rows 16 True", out.stdout
+    assert lines[2] == "files ['m3d_t_mean.faiss']", out.stdout
+    saved = ExactIndex.load(tmp_path, "m3d_t_mean")
+    assert len(saved) == 16 and saved.generation is None  # the failed change cleared it: rebuilt, never trusted

@@ -177,6 +177,25 @@ def test_a_write_that_bypasses_m3d_is_caught_by_the_row_check(session, caplog):
     np.testing.assert_allclose(index.vectors[index.row(ids[3])], -vectors[3], atol=1e-6)
 
 
+def test_a_row_whose_id_qdrant_does_not_hold_is_caught(session, caplog):
+    """Right count, right generation, right vectors, but one row under an id Qdrant has never held:
+    the sampled ids are checked too (retrieve skips an unknown id without a word)."""
+    name = "m3d_t_mean"
+    ids, vectors, payloads = _points(0, 12)
+    session.upsert(name, ids, vectors, payloads)
+    session.save_exact(name)
+    index = session.exact(name)
+    stranger = "00000000-0000-4000-8000-00000000abcd"
+    index.remove(ids[5:6])
+    index.upsert([stranger], vectors[5:6])
+    index.commit(session.vectors.generation(name))
+    session._exact.clear()
+    with caplog.at_level(logging.WARNING, logger="m3d"):
+        rebuilt = session.exact(name)
+    assert "other ids" in _one_warning(caplog)
+    assert rebuilt.row(stranger) is None and rebuilt.row(ids[5]) is not None
+
+
 def test_damaged_or_old_faiss_files_are_rebuilt_not_misread(session):
     name = "m3d_t_mean"
     ids, vectors, payloads = _points(0, 30)

@@ -151,7 +151,10 @@ class Session:
         if index.dim != self.vectors.dim(name) or len(index) != self.vectors.count(name):
             return "holds other rows than Qdrant"
         rows = {index.id_at(r): r for r in np.linspace(0, len(index) - 1, num=min(SPOT_CHECK, len(index)), dtype=int)}
-        for rec in self.vectors.retrieve(name, list(rows), vectors=True) if rows else []:
+        records = self.vectors.retrieve(name, list(rows), vectors=True) if rows else []
+        if len(records) != len(rows):  # a sampled id Qdrant does not hold (retrieve skips it silently)
+            return "holds other ids than Qdrant"
+        for rec in records:
             if not np.allclose(index.vectors[rows[rec.id]], rec.vector, atol=1e-5):
                 return "holds other vectors than Qdrant"
         return None

@@ -101,23 +101,24 @@ class ExactIndex:
             raise ValueError(f"expected {len(ids)} rows of {self._dim} dims")
         if not ids:
             return
+        encoded = {pid: _encode(pid) for pid in ids}  # a bad id is refused before anything changes
         self._begin_change()
-        fresh: list[int] = []
+        last: dict[str, int] = {}  # new ids -> their last place in this batch (a repeat replaces it)
         for i, pid in enumerate(ids):
+            if pid in last:
+                last[pid] = i
+                continue
             row = self.row(pid)
             if row is None:
-                fresh.append(i)
-                self._lookup[pid] = -1  # appended below; a repeat of it in this batch replaces it
-            elif row == -1:
-                fresh = [j for j in fresh if ids[j] != pid] + [i]
+                last[pid] = i
             else:
                 os.pwrite(self._fd, vectors[i].tobytes(), self._row_offset(row))
-        if fresh:
+        if last:
+            fresh = sorted(last.values())
             self._reserve(self._n + len(fresh))
-            encoded = np.array([_encode(ids[j]) for j in fresh], ID)
-            os.pwrite(self._fd, encoded.tobytes(), self._id_offset(self._n))
+            os.pwrite(self._fd, np.array([encoded[ids[j]] for j in fresh], ID).tobytes(), self._id_offset(self._n))
             os.pwrite(self._fd, vectors[fresh].tobytes(), self._row_offset(self._n))
-            for offset, j in enumerate(fresh):
+            for offset, j in enumerate(fresh):  # only now: a failed write above leaves the lookup as it was
                 self._lookup[ids[j]] = self._n + offset
             self._n += len(fresh)
         self._changed()
@@ -170,23 +171,35 @@ class ExactIndex:
         self._lookup = {}
 
     def _reserve(self, rows: int) -> None:
-        """Room for `rows` rows: a larger file holding the same rows (streamed copy), swapped in."""
+        """Room for `rows` rows: a larger file holding the same rows (streamed copy), swapped in. A copy
+        that fails (a full disk) leaves the index and its file as they were, and no partial file."""
         if rows <= self._capacity:
             return
-        old_rows = self._row_offset(0)
-        self._capacity = max(rows, 2 * self._capacity)
-        grown = open(self._path.with_name(self._path.name + ".grow"), "w+b") if self._path else tempfile.TemporaryFile()
-        os.ftruncate(grown.fileno(), self._row_offset(self._capacity))
-        for size, src, dst in ((ID.itemsize, self._id_offset(0), self._id_offset(0)),
-                               (4 * self._dim, old_rows, self._row_offset(0))):
-            for lo, hi in self._chunks(size):
-                os.pwrite(grown.fileno(), os.pread(self._fd, (hi - lo) * size, src + lo * size), dst + lo * size)
+        capacity = max(rows, 2 * self._capacity)
+        grow_path = self._grow_path()
+        grown = open(grow_path, "w+b") if grow_path else tempfile.TemporaryFile()
+        try:
+            new_rows = HEADER + capacity * ID.itemsize
+            os.ftruncate(grown.fileno(), new_rows + capacity * 4 * self._dim)
+            for size, src, dst in ((ID.itemsize, self._id_offset(0), self._id_offset(0)),
+                                   (4 * self._dim, self._row_offset(0), new_rows)):
+                for lo, hi in self._chunks(size):
+                    os.pwrite(grown.fileno(), os.pread(self._fd, (hi - lo) * size, src + lo * size), dst + lo * size)
+            os.pwrite(grown.fileno(), self._header(capacity), 0)  # a kill after the swap finds a header
+        except BaseException:
+            grown.close()
+            if grow_path:
+                grow_path.unlink(missing_ok=True)
+            raise
         self._views = None
         self._handle.close()
-        if self._path is not None:
-            os.replace(grown.name, self._path)
-        self._handle, self._fd = grown, grown.fileno()
+        if grow_path is not None:
+            os.replace(grow_path, self._path)
+        self._handle, self._fd, self._capacity = grown, grown.fileno(), capacity
         self._write_header()
+
+    def _grow_path(self) -> Path | None:
+        return self._path.with_name(self._path.name + ".grow") if self._path is not None else None
 
     # -- search ------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
@@ -248,6 +261,7 @@ class ExactIndex:
         self.close()
         if self._path is not None:
             self._path.unlink(missing_ok=True)
+            self._grow_path().unlink(missing_ok=True)  # a growth killed half-way
 
     @staticmethod
     def remove_file(directory: Path, name: str) -> None:
@@ -265,13 +279,16 @@ class ExactIndex:
         step = max(1, CHUNK_BYTES // max(1, row_bytes))
         return [(lo, min(lo + step, self._n)) for lo in range(0, self._n, step)]
 
-    def _write_header(self) -> None:
+    def _header(self, capacity: int) -> bytes:
         generation = "" if self._dirty else self.generation or ""  # rows in motion describe no generation
-        meta = json.dumps({"format": FORMAT, "dim": self._dim, "n": self._n, "capacity": self._capacity,
+        meta = json.dumps({"format": FORMAT, "dim": self._dim, "n": self._n, "capacity": capacity,
                            "collection": self.collection, "generation": generation}).encode()
         if len(MAGIC) + len(meta) > HEADER:
             raise ValueError("collection name too long for the FAISS header")
-        os.pwrite(self._fd, (MAGIC + meta).ljust(HEADER, b" "), 0)
+        return (MAGIC + meta).ljust(HEADER, b" ")
+
+    def _write_header(self) -> None:
+        os.pwrite(self._fd, self._header(self._capacity), 0)
         if self._path is not None:
             os.fsync(self._fd)
 
