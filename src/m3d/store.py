@@ -169,12 +169,15 @@ class Session:
         token = self.vectors.generation(name)
         if token is None and must_save:
             token = self._advance(name)
+        index = None
         try:
             index = self._fill(name, ExactIndex.build(self.exact_dir, name, self.vectors.dim(name),
                                                       self.vectors.physical(name)))
             index.commit(token)
             index.move_to(self.exact_dir, name)
         except OSError as exc:
+            if index is not None:  # filled but not saved (commit or move failed): no .tmp left behind
+                index.discard()
             if must_save:
                 raise
             log.warning("FAISS index of %s not saved (%s): it answers from a temporary file for this command", name,
@@ -257,9 +260,13 @@ class Session:
                 done.append(f"set aside {where}: run `m3d sync` to embed it again")
             return _row(name, problems=list(dict.fromkeys([*problems, str(exc)])), repaired=done, ok=False)
         if repair and not in_step:
+            if index is not None:
+                index.close()  # the file the rebuild replaces
             index = self.rebuild_exact(name)
             in_step = self._compare(name, index)[3]
             done.append("rebuilt FAISS")
+        elif index is not None:
+            index.close()  # check's own read of the file: the session keeps none
         return _row(name, qdrant_points=count, faiss_points=None if index is None else len(index),
                     in_step=in_step, fingerprints=len(prints), damaged_vectors=damaged, problems=problems,
                     repaired=done, ok=in_step and len(prints) <= 1 and damaged == 0 and not problems)
