@@ -274,14 +274,15 @@ class Session:
     def _compare(self, name: str, index: ExactIndex | None) -> tuple[int, set[str], int, bool]:
         """Every point of the collection, streamed: (count, fingerprints seen, vectors not unit length,
         whether the index holds exactly these ids, each with Qdrant's vector)."""
-        count, prints, damaged, same = 0, set(), 0, index is not None
+        count, written, damaged, same = 0, set(), 0, index is not None
         for rec in self.vectors.records(name, fields=["pipeline"], vectors=True):
             count += 1
-            prints.add(_settings_key(rec.payload.get("pipeline")))
+            written.add(json.dumps(rec.payload.get("pipeline"), sort_keys=True))  # as written: cheap per point
             damaged += not is_unit(rec.vector)
             if same:
                 row = index.row(rec.id)
                 same = row is not None and np.allclose(index.vectors[row], rec.vector, atol=1e-5)
+        prints = {_settings_key(json.loads(raw)) for raw in written}  # read as settings once per spelling
         return count, prints, damaged, same and len(index) == count
 
     def _layout_damage(self) -> list[tuple[Path, str]]:

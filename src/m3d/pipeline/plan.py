@@ -238,7 +238,7 @@ def plan_orientation(plan: Plan, files: list[MeshFile], known: dict[str, dict[st
         pid = file.point_id
         if pid not in queued and pid in stored:
             evidence[pid] = remeasured[pid] if pid in remeasured else np.asarray(stored[pid].evidence, dtype=np.float64)
-    suffixes = {f.point_id: f.path.suffix for f in files} | {t.id: t.file.path.suffix for t in plan.tasks}
+    suffixes = {f.point_id: f.path.suffix for f in files}  # every task is one of the files
     dataset = dataset_up(list(evidence.values()), [suffixes[pid] for pid in evidence])
     decided = {pid: Decision(*dataset.choose(ev, suffixes[pid]), tuple(float(x) for x in ev))
                for pid, ev in evidence.items()}
