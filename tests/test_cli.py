@@ -76,7 +76,9 @@ def test_info_check_eval_render(synced, tmp_path):
     assert ev.exit_code == 0, ev.output
     rows = json.loads(ev.stdout)
     assert {r["collection"] for r in rows} == {"m3d_hog_max", "m3d_hog_mean"}
-    assert (out_dir / "eval.csv").read_text().splitlines()[0].startswith("collection,objects,classes,p@5,p@10,map")
+    assert (out_dir / "eval.csv").read_text().splitlines()[0].startswith(
+        "collection,objects,classes,p@5,p@10,map,nn_acc,ft,st,dcg")
+    assert all(0.0 <= r[key] <= 1.0 for r in rows for key in ("first_tier", "second_tier", "dcg"))
     strip = tmp_path / ("a-long-folder-name-" * 4) / "strip.png"  # the message is wider than 80 columns
     strip.parent.mkdir()
     rendered = runner.invoke(app, ["render", str(tree / "Bird" / "train" / "242.off"), "-o", str(strip), "--views", "4"])

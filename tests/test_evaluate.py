@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from m3d.evaluate import evaluate, ranking_metrics
+from m3d.evaluate import evaluate, ranking_metrics, score_queries
 from m3d.pipeline import SyncOptions, sync
 from m3d.render import ViewSettings
 from m3d.store import open_session
@@ -32,8 +32,31 @@ def test_a_class_with_one_member_is_excluded_from_every_metric(lpsb, tmp_path):
         assert result.nn_accuracy == pytest.approx(float(m["nn"][keep].mean()))
         assert result.precision[5] == pytest.approx(float(m["precision"][5][keep].mean()))
         assert result.map == pytest.approx(float(m["ap"][keep].mean()))
+        for key, value in (("ft", result.first_tier), ("st", result.second_tier), ("dcg", result.dcg)):
+            assert value == pytest.approx(float(m[key][keep].mean())) and result.row()[key] == round(value, 4)
         # p@5 over 6 neighbours of which at most 2 share the class: never above 0.4 when scored right
         assert result.precision[5] <= 0.4 + 1e-9
+
+
+def test_princeton_measures_by_hand():
+    # collection: the query itself (column 0) and five others; the query's class "a" has C = 3 members,
+    # so R = C - 1 = 2 relevant candidates. Row 0 ranks them a b a b b, row 1 ranks them b b a a b.
+    labels = np.array(["a", "a", "b", "a", "b", "b"])
+    sims = np.array([[-np.inf, 0.9, 0.8, 0.7, 0.6, 0.5],
+                     [-np.inf, 0.7, 0.9, 0.6, 0.8, 0.5]])  # row 1: b(.9) b(.8) a(.7) a(.6) b(.5)
+    m = score_queries(sims, np.array(["a", "a"]), labels, ks=(1, 5))
+    np.testing.assert_allclose(m["nn"], [1, 0])
+    np.testing.assert_allclose(m["ft"], [1 / 2, 0 / 2])  # relevant within the first R = 2
+    np.testing.assert_allclose(m["st"], [2 / 2, 2 / 2])  # within the first 2R = 4
+    # DCG: rank 1 counts 1, rank i > 1 counts 1/log2(i); the ideal puts both relevant first: 1 + 1/log2(2) = 2
+    np.testing.assert_allclose(m["dcg"], [(1 + 1 / np.log2(3)) / 2, (1 / np.log2(3) + 1 / np.log2(4)) / 2])
+    np.testing.assert_allclose(m["ap"], [(1 / 1 + 2 / 3) / 2, (1 / 3 + 2 / 4) / 2])
+    np.testing.assert_allclose(m["precision"][5], [2 / 5, 2 / 5])
+    # a perfect ranking scores 1 everywhere; a lone query is NaN in every one of them
+    perfect = score_queries(np.array([[-np.inf, 0.9, 0.1, 0.8, 0.2, 0.3]]), np.array(["a"]), labels)
+    assert all(float(perfect[key][0]) == 1.0 for key in ("nn", "ft", "st", "dcg", "ap"))
+    lone = score_queries(np.array([[0.5, 0.4, -np.inf, 0.3, 0.2, 0.1]]), np.array(["c"]), labels)
+    assert all(np.isnan(lone[key][0]) for key in ("nn", "ft", "st", "dcg", "ap")) and not lone["scored"][0]
 
 
 def test_random_rotations_are_proper_and_yaw_keeps_the_up_axis():

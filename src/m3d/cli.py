@@ -370,8 +370,8 @@ def eval_(
     qdrant_api_key: KeyOpt = None,
     as_json: JsonOpt = False,
 ):
-    """Retrieval precision@5/@10, mAP and nearest-neighbour accuracy per collection (each object
-    queries all others), per class, and recall@k of Qdrant's answers against FAISS's exact ones."""
+    """Retrieval precision@5/@10, mAP and the Princeton Shape Benchmark's NN, first tier, second tier
+    and DCG per collection (each object queries all others), per class, and recall@k of Qdrant's answers against FAISS's exact ones."""
     from dataclasses import asdict
 
     from .connector import SearchSettings

@@ -1,7 +1,8 @@
 """Retrieval quality per collection (the reference protocol) and Qdrant-vs-FAISS agreement.
 
 Every object queries its collection; its own point is excluded by id. precision@k is the fraction of
-the k nearest that share the query's class; mAP ranks the whole collection; recall@k compares
+the k nearest that share the query's class; mAP ranks the whole collection; NN, FT, ST and DCG are the
+Princeton Shape Benchmark's measures (Shilane et al. 2004; see ``score_queries``); recall@k compares
 Qdrant's answers, as configured (HNSW graph, quantization, search-time ef), with FAISS's exact ones for
 the same query vectors. A collection without an HNSW graph is searched exactly by Qdrant too: its
 recall says only that both engines hold the same rows, and the table says so. A query whose class has
@@ -36,6 +37,9 @@ class CollectionEval:
     precision: dict[int, float]  # k -> mean precision@k (over min(k, objects - 1) neighbours)
     map: float
     nn_accuracy: float
+    first_tier: float
+    second_tier: float
+    dcg: float
     per_class: dict[str, dict[str, float]]  # class -> {"objects", "p@5", "p@10", "map"}; scored classes only
     recall_k: int
     recall: float  # mean recall@k of Qdrant (first search setting) against FAISS
@@ -52,7 +56,8 @@ class CollectionEval:
     def row(self) -> dict:
         row = {"collection": self.collection, "objects": self.objects, "classes": self.classes}
         row.update({f"p@{k}": round(v, 4) for k, v in self.precision.items()})
-        row.update({"map": round(self.map, 4), "nn_acc": round(self.nn_accuracy, 4), "excluded": self.excluded,
+        row.update({"map": round(self.map, 4), "nn_acc": round(self.nn_accuracy, 4), "ft": round(self.first_tier, 4),
+                    "st": round(self.second_tier, 4), "dcg": round(self.dcg, 4), "excluded": self.excluded,
                     "qdrant index": self.index})
         for point in self.sweep if len(self.sweep) > 1 else self.sweep[:1] or [{"recall": self.recall}]:
             key = f"recall@{self.recall_k}" + (f" ef={point['hnsw_ef']}" if len(self.sweep) > 1 else "")
@@ -69,9 +74,12 @@ class CollectionEval:
         return "exact (no index)" if not self.indexed and recall >= 1.0 else round(recall, 4)
 
 
+METRICS = ("ap", "nn", "ft", "st", "dcg", "scored")
+
+
 def ranking_metrics(vectors: np.ndarray, labels: np.ndarray, ks=PRECISION_AT, *,
                     exclude_above: float | None = None) -> dict:
-    """precision@k, AP and nearest-neighbour hits for every row against all others (self excluded),
+    """precision@k, AP, NN, FT, ST and DCG for every row against all others (self excluded),
     computed exactly on unit vectors in chunks so memory stays bounded. Rows whose label no other row
     shares get NaN everywhere and False in "scored": callers average over the scored rows only.
     exclude_above: candidates scoring at or above it against the query (its near duplicates) are
@@ -86,12 +94,17 @@ def ranking_metrics(vectors: np.ndarray, labels: np.ndarray, ks=PRECISION_AT, *,
             sims[sims >= exclude_above] = -np.inf
         parts.append(score_queries(sims, labels[lo:hi], labels, ks))
     return {"precision": {k: np.concatenate([p["precision"][k] for p in parts]) for k in ks},
-            **{key: np.concatenate([p[key] for p in parts]) for key in ("ap", "nn", "scored")}}
+            **{key: np.concatenate([p[key] for p in parts]) for key in METRICS}}
 
 
 def score_queries(sims: np.ndarray, query_labels: np.ndarray, labels: np.ndarray, ks=PRECISION_AT) -> dict:
-    """precision@k, AP and NN hit per query row of sims (queries x collection), where each query's own
-    point is already -inf; NaN (and scored False) for a query with no other member of its class."""
+    """Per query row of sims (queries x collection), where each query's own point is already -inf:
+    precision@k, AP, and the Princeton Shape Benchmark's measures. With R the query's relevant
+    candidates (its class less itself, C-1 for a class of C): NN = whether the first result is relevant,
+    FT (first tier) = the share of R within the first R results, ST (second tier) = within the first
+    2R, DCG = sum of G_i / log2(i) over the whole ranking (G_i = 1 for a relevant i-th result, the
+    first counted as 1) divided by the same sum for the ideal ranking (all R first). NaN (and scored
+    False) for a query with no other member of its class."""
     n = sims.shape[1]
     max_k = min(max(ks), n - 1)
     order = np.argsort(-sims, axis=1, kind="stable")[:, : n - 1]
@@ -105,9 +118,16 @@ def score_queries(sims: np.ndarray, query_labels: np.ndarray, labels: np.ndarray
         precision[k] = np.where(lone, np.nan, p)
     nn = np.where(lone, np.nan, relevant[:, 0]) if n > 1 else np.full(len(sims), np.nan)
     hits = np.cumsum(relevant, axis=1)
+    rows = np.arange(len(sims))
+    discount = 1.0 / np.maximum(1.0, np.log2(np.arange(1, n)))  # rank 1 counts 1, rank i counts 1/log2(i)
+    ideal = np.concatenate([[0.0], np.cumsum(discount)])  # ideal[r]: DCG of r relevant results first
     with np.errstate(invalid="ignore", divide="ignore"):
         ap = (relevant * hits / np.arange(1, n)).sum(axis=1) / totals
-    return {"precision": precision, "ap": ap, "nn": nn, "scored": np.isfinite(ap)}
+        ft = hits[rows, np.clip(totals - 1, 0, None)] / totals if n > 1 else np.full(len(sims), np.nan)
+        st = hits[rows, np.clip(2 * totals - 1, 0, n - 2)] / totals if n > 1 else np.full(len(sims), np.nan)
+        dcg = (relevant * discount).sum(axis=1) / ideal[totals]
+    return {"precision": precision, "ap": ap, "nn": nn, "scored": np.isfinite(ap),
+            **{key: np.where(lone, np.nan, value) for key, value in (("ft", ft), ("st", st), ("dcg", dcg))}}
 
 
 def _mean(values: np.ndarray) -> float:
@@ -158,6 +178,7 @@ def evaluate_collection(session: Session, name: str, *, recall_k: int = 10, reca
         collection=name, objects=len(ids), classes=len(per_class), deduplicated=deduplicated,
         precision={k_: _mean(metrics["precision"][k_]) for k_ in PRECISION_AT},
         map=_mean(metrics["ap"]), nn_accuracy=_mean(metrics["nn"]), per_class=per_class,
+        first_tier=_mean(metrics["ft"]), second_tier=_mean(metrics["st"]), dcg=_mean(metrics["dcg"]),
         excluded=int((~scored).sum()),
         recall_k=recall_k, recall=sweep[0]["recall"], recall_queries=len(sample),
         latency_ms={e: lat for e, lat in latency_ms.items() if lat},

@@ -827,7 +827,9 @@ def _write_html(session: Session, results: list[CollectionEval], out_dir: Path, 
     out.append("<h2>Retrieval quality per collection</h2>")
     out.append(f"<p>Every object queries its collection with itself excluded; precision@k is the fraction of the "
                f"k nearest that share its class, map the mean average precision over the whole ranking, nn_acc "
-               f"whether the single nearest shares the class, recall@k the overlap of Qdrant's answers with the "
+               f"whether the single nearest shares the class, ft / st (first / second tier) the share of its class "
+               f"found within the first C-1 / 2(C-1) results (C: class size), dcg the discounted cumulative gain "
+               f"over the ideal ranking's, recall@k the overlap of Qdrant's answers with the "
                f"FAISS exact ones. The best collection by precision@{K} is in bold.</p>")
     if results:
         rows = [r.row() for r in results]
