@@ -89,9 +89,9 @@ def test_tiny_checkpoints_load_by_path(ckpts: dict[str, Path], encoders: dict, r
         assert torch.isfinite(out).all()
         # chair views and airplane views are different inputs: the vectors must say so
         assert not torch.allclose(out[:8].mean(0), out[8:].mean(0), atol=1e-3)
-    # precision auto on this CPU follows the bf16 capability check
+    # precision auto is fp32 on every CPU, with or without native bf16 (same vectors on any machine)
     auto = load_encoder(str(ckpts["dinov2"]))
-    assert auto.precision == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    assert auto.precision == "fp32"
 
 
 def test_random_checkpoint_is_small_deterministic_and_hub_shaped(
@@ -224,9 +224,19 @@ def test_bf16_matches_fp32(fam: str, ckpts: dict, encoders: dict, renders: np.nd
     assert not torch.equal(a, b)  # it really ran in bf16
 
 
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_cpu_default_precision_does_not_depend_on_the_cpu(native_bf16: bool, monkeypatch) -> None:
+    """Both CPU kinds forced: the default is fp32 whether or not the CPU computes bf16 natively."""
+    import m3d.encoders.device as device
+
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: native_bf16)
+    assert device.resolve_precision(None, "cpu") == device.resolve_precision("auto", "cpu") == "fp32"
+    assert device.resolve_precision("bf16", "cpu") == "bf16"  # on request
+
+
 def test_device_and_precision_options() -> None:
     assert resolve_precision(None, "cuda") == "fp16"
-    assert resolve_precision("auto", "cpu") == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    assert isinstance(cpu_has_fast_bf16(), bool)
     assert resolve_precision("fp16", "cpu") == "fp16"
     with pytest.raises(ModelLoadError, match="precision"):
         load_encoder("hog", precision="fp8")

@@ -184,7 +184,7 @@ def sync(
     workers: Annotated[Optional[int], typer.Option(min=0, help="Render processes (0 = in this process), or render actors with --engine ray. Default: one per core (but one per GPU with encoders on a GPU).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per encoder call. Default: per device.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cuda or cpu. Default: cuda when present.")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="fp32, fp16 or bf16. Default: fp16 on CUDA, bf16 on CPUs that have it.")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="fp32, fp16 or bf16 (recorded in the collection; queries use it). Default: fp16 on CUDA, fp32 on CPU.")] = None,
     max_faces: Annotated[int, typer.Option(min=1, help="Refuse meshes with more faces than this.")] = 2_000_000,
     rebuild: Annotated[bool, typer.Option(help="Replace collections built with other settings instead of refusing.")] = False,
     engine: Annotated[str, typer.Option(help="local (processes on this machine) or ray (actors on a Ray cluster; pip install 'm3d[ray]').")] = "local",
@@ -479,6 +479,7 @@ def info(
             rows.append({"collection": name, "points": session.vectors.count(name), "dim": session.vectors.dim(name),
                          "index": index.state, "threshold": index.settings.index_threshold,
                          "classes": len(classes), "encoder": fp.model_id if fp else "",
+                         "precision": fp.precision if fp else "",
                          **{k: getattr(fp.view, k) if fp else "" for k in INFO_VIEW_FIELDS}})
         location = session.vectors.location
     if as_json:

@@ -27,6 +27,9 @@ VIEW_KEYS = {"views": "views", "elevation": "elevation", "size": "resolution", "
              "up": "up", "layout": "layout", "align": "align"}
 #: What a point written before a setting existed was made with: the ring about +y, no pose alignment.
 LEGACY_VIEW = {"up": "y", "layout": "ring", "align": "none"}
+#: What a point written before precision was recorded reads as: fp32, what HOG always computes and the
+#: CPU default of most machines then (a bf16-built CLIP store re-syncs with --precision bf16).
+LEGACY_PRECISION = "fp32"
 
 
 @dataclass(frozen=True)
@@ -37,11 +40,12 @@ class Fingerprint:
     model_id: str
     pool: str
     view: ViewSettings
+    precision: str = LEGACY_PRECISION  # what the encoder computed in: queries encode the same way
 
     def to_payload(self) -> dict:
         view = asdict(self.view)
         return {"encoder": self.encoder, "model_id": self.model_id, "pool": self.pool,
-                **{key: view[field] for field, key in VIEW_KEYS.items()}}
+                "precision": self.precision, **{key: view[field] for field, key in VIEW_KEYS.items()}}
 
     @classmethod
     def from_payload(cls, data: dict) -> "Fingerprint":
@@ -54,7 +58,8 @@ class Fingerprint:
             raise StoreError(f"stored pipeline fingerprint lacks {', '.join(missing)}")
         if view["elevation"] is not None:
             view["elevation"] = float(view["elevation"])
-        return cls(encoder=data["encoder"], model_id=data["model_id"], pool=data["pool"], view=ViewSettings(**view))
+        return cls(encoder=data["encoder"], model_id=data["model_id"], pool=data["pool"], view=ViewSettings(**view),
+                   precision=data.get("precision", LEGACY_PRECISION))
 
     def differences(self, other: "Fingerprint") -> list[str]:
         """Human-readable `field: stored -> requested` lines (self is the requested one)."""

@@ -125,12 +125,14 @@ def image_view(image_path: Path, size: int) -> np.ndarray:
 
 def collection_encoder(session: Session, fp: Fingerprint, *, checkpoint: Path | None = None,
                        device: str | None = None):
-    """The encoder that made a collection; a local checkpoint loads from the path this store
-    remembered at sync time (or ``checkpoint``), and must hold the same weights."""
-    from .encoders import load_encoder
+    """The encoder that made a collection, computing in the precision the collection was built with
+    (where the device can); a local checkpoint loads from the path this store remembered at sync time
+    (or ``checkpoint``), and must hold the same weights."""
+    from .encoders import load_encoder, resolve_device, runnable_precision
 
     where = checkpoint or session.checkpoints().get(fp.encoder)
-    return load_encoder(fp.encoder, device=device, checkpoint=where)
+    dev = resolve_device(device)
+    return load_encoder(fp.encoder, device=dev, precision=runnable_precision(fp.precision, dev), checkpoint=where)
 
 
 def can_answer_text(session: Session, name: str, checkpoint: Path | None = None) -> bool:

@@ -17,7 +17,8 @@ from pathlib import Path
 from m3d.errors import ModelLoadError
 
 from .base import Encoder, TextEncoder
-from .device import PRECISIONS, choose_batch_size, cpu_has_fast_bf16, resolve_device, resolve_precision
+from .device import (PRECISIONS, choose_batch_size, cpu_has_fast_bf16, resolve_device, resolve_precision,
+                     runnable_precision)
 from .hog import HOG_AUTO_BATCH, HogEncoder, HogParams, hog_descriptor
 from .hub import identified, is_local_id, local_name, read_config, resolve_source, slug
 from .preprocess import Preprocess, resize_uint8
@@ -26,7 +27,7 @@ from .registry import ALIASES, FAMILIES, Family, family_for_model_type
 __all__ = [
     "ALIASES", "FAMILIES", "PRECISIONS", "Encoder", "Family", "HogParams", "ModelLoadError", "Preprocess",
     "TextEncoder", "cpu_has_fast_bf16", "family_of", "hog_descriptor", "is_local_id", "load_encoder",
-    "resize_uint8", "resolve_device", "resolve_precision", "slug",
+    "resize_uint8", "resolve_device", "resolve_precision", "runnable_precision", "slug",
 ]
 
 
@@ -61,7 +62,7 @@ def load_encoder(
 
     A stored local identity (``local:<name>@sha256:<digest>``, a fingerprint's ``encoder``) loads from
     ``checkpoint``, the directory holding those weights; other weights there are refused.
-    ``device``/``precision``/``batch_size`` default to auto (cuda+fp16+256 / cpu+bf16-if-native-else-fp32+32).
+    ``device``/``precision``/``batch_size`` default to auto (cuda+fp16+256 / cpu+fp32+32).
     Raises ``ModelLoadError`` (one line) for anything the user can fix: uncached hub ids when the hub
     cannot be reached, missing directories, unsupported checkpoint families, a checkpoint that changed.
     """

@@ -46,13 +46,25 @@ def resolve_device(device: str | None) -> str:
 
 
 def resolve_precision(precision: str | None, device: str) -> str:
-    """``None``/"auto" -> fp16 on CUDA, bf16 on CPUs with native bf16, else fp32."""
+    """``None``/"auto" -> fp16 on CUDA, fp32 on every CPU (bf16 only on request).
+
+    The CPU default never depends on the CPU: with native bf16 (``cpu_has_fast_bf16``) the same file
+    would give vectors 1e-3 away from a CPU without it, so default vectors agree on any x86 machine."""
     if precision in (None, "", "auto"):
-        if device.startswith("cuda"):
-            return "fp16"
-        return "bf16" if cpu_has_fast_bf16() else "fp32"
+        return "fp16" if device.startswith("cuda") else "fp32"
     if precision not in PRECISIONS:
         raise ModelLoadError(f"unknown precision {precision!r} (use one of {', '.join(PRECISIONS)})")
+    return precision
+
+
+def runnable_precision(precision: str, device: str) -> str:
+    """The stored precision of a collection where this device can compute it, else fp32 (a CUDA GPU
+    without bf16): queries encode as the collection was built wherever the hardware allows."""
+    if precision == "bf16" and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_bf16_supported():
+            return "fp32"
     return precision
 
 

@@ -95,7 +95,8 @@ def build_targets(encoders: list, options: SyncOptions) -> dict[str, Target]:
     targets: dict[str, Target] = {}
     for encoder in encoders:  # encoder.spec, never a local path: a checkpoint directory is its model_id
         for pool_name in options.pools:
-            fp = Fingerprint(encoder=encoder.spec, model_id=encoder.model_id, pool=pool_name, view=options.view)
+            fp = Fingerprint(encoder=encoder.spec, model_id=encoder.model_id, pool=pool_name, view=options.view,
+                             precision=encoder.precision)
             name = collection_name(encoder.name, pool_name)
             targets[name] = Target(name, encoder, pool_name, fp)
     return targets
@@ -129,8 +130,10 @@ def prepare_collections(session: Session, targets: dict[str, Target], rebuild: b
                 if not rebuild:
                     diff = "; ".join(fp.differences(stored) if stored and stored != fp else
                                      index_differs or [f"dim {session.vectors.dim(name)} -> {encoder.dim}"])
+                    hint = (f"pass --precision {stored.precision} to add to it as it was built, or "
+                            if stored is not None and stored.precision != fp.precision else "")
                     raise StoreError(f"collection {name} was built with other settings ({diff}); "
-                                     "run again with --rebuild to replace it")
+                                     f"{hint}run again with --rebuild to replace it")
                 versions[name] = session.vectors.begin_rebuild(name)
                 log.info("rebuilding %s as %s; readers keep the current one until it is complete", name,
                          versions[name])
