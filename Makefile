@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo    install, then sync + query + eval on the embedded store with the weight-free encoder
-#   make test    install (with the Ray extra: the Ray engine's tests run on a local Ray), then run the test suite
+#   make test    install (with the Ray extra and Debian's chromium: every test runs), then run the test suite
 # DATA defaults to the dev meshes beside the repo; without them the demo makes its own shapes.
 
 VENV    ?= .venv
@@ -13,7 +13,7 @@ ENCODERS ?= hog
 # On a CUDA machine install the CUDA torch build of your choice into $(VENV) before `make`.
 TORCH   ?= torch==2.13.0
 
-.PHONY: install system-deps demo test bench clean
+.PHONY: install system-deps browser-deps demo test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -37,6 +37,14 @@ system-deps:
 	    libegl1 libgl1 libegl-mesa0 libgl1-mesa-dri libusb-1.0-0 >/dev/null; \
 	fi
 
+# Debian's chromium for the page and report tests (Playwright drives it; its own browser download is
+# not used). Installs only what is missing.
+browser-deps:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; \
+	fi
+
 demo: install
 	@if [ -z "$(DATA)" ]; then $(M3D) samples out/shapes; fi
 	$(M3D) sync $(or $(DATA),out/shapes) --encoders $(ENCODERS) --store $(STORE); test $$? -le 4
@@ -44,8 +52,9 @@ demo: install
 	$(M3D) eval --store $(STORE) --report out/report
 	$(M3D) info --store $(STORE)
 
-test: install $(VENV)/.installed-ray
-	HF_HUB_OFFLINE=1 $(PY) -m pytest
+# -rs: the run ends by listing every skipped test with its reason
+test: install browser-deps $(VENV)/.installed-ray
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -rs
 
 bench: install
 	$(PY) benchmarks/bench.py --data $(or $(DATA),out/shapes)
