@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo    install, then sync + query + eval on the embedded store with the weight-free encoder
-#   make test    install (with the Ray extra and Debian's chromium: every test runs), then run the test suite
+#   make test    install (with the ray and raycast extras and Debian's chromium: every test runs), then run
+#                the test suite
 # DATA defaults to the dev meshes beside the repo; without them the demo makes its own shapes.
 
 VENV    ?= .venv
@@ -24,9 +25,9 @@ $(VENV)/.installed: pyproject.toml
 
 install: system-deps $(VENV)/.installed
 
-# the Ray engine is an extra: `make demo` and the default path never need it
-$(VENV)/.installed-ray: $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[ray]'
+# the Ray engine and the raycast renderer (open3d) are extras: `make demo` and the default path never need them
+$(VENV)/.installed-extras: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[ray,raycast]'
 	touch $@
 
 # EGL/GL runtime for the moderngl renderer (Mesa on CPU). Installs only what is missing.
@@ -53,7 +54,7 @@ demo: install
 	$(M3D) info --store $(STORE)
 
 # -rs: the run ends by listing every skipped test with its reason
-test: install browser-deps $(VENV)/.installed-ray
+test: install browser-deps $(VENV)/.installed-extras
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -rs
 
 bench: install

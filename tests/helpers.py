@@ -5,6 +5,14 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
+
+from m3d.render import RAYCAST_NEEDS, raycast_available
+
+#: tests of the raycast renderer: open3d is an extra (m3d[raycast]); make test and CI install it
+needs_open3d = pytest.mark.skipif(not raycast_available(), reason=RAYCAST_NEEDS)
+RAYCAST = pytest.param("raycast", marks=needs_open3d)  # a renderer parameter that skips without open3d
+
 
 def make_tree(lpsb: Path, root: Path, classes: dict[str, int], *, copy: bool = False, split: str | None = "train") -> Path:
     """root/<class>/<split>/<id>.off for the first N meshes of each LPSB class (symlinks unless copy)."""

@@ -4,6 +4,7 @@ replacements (repeats inside one batch too) and removals, with the fold and copy
 every path runs; and a write that never committed is never read as current."""
 
 import numpy as np
+import pytest
 
 from m3d.connector import exact
 from m3d.connector.exact import ExactIndex
@@ -113,3 +114,50 @@ def test_a_growth_that_fails_leaves_the_index_and_no_partial_file(tmp_path):
     assert lines[2] == "files ['m3d_t_mean.faiss']", out.stdout
     saved = ExactIndex.load(tmp_path, "m3d_t_mean")
     assert len(saved) == 16 and saved.generation is None  # the failed change cleared it: rebuilt, never trusted
+
+
+def _gpu_skip_reason() -> str:
+    import faiss
+
+    if not hasattr(faiss, "StandardGpuResources"):
+        return "this faiss build has no GPU support (faiss-cpu; install faiss-gpu on a GPU machine)"
+    return "faiss-gpu sees no GPU"
+
+
+def _assert_exact_knn(index: ExactIndex, rows: np.ndarray, queries: np.ndarray, k: int) -> None:
+    """The answer is an exact top k: every returned id scores what was returned, and the k scores are
+    numpy's k best (ties may order ids differently; float sums differ by rounding only)."""
+    scores, ids = index.search(queries, k)
+    truth = queries @ rows.T
+    best = -np.sort(-truth, axis=1)[:, :k]
+    np.testing.assert_allclose(scores, best, atol=1e-4)
+    for q, row_ids in enumerate(ids):
+        assert len(set(row_ids)) == k
+        np.testing.assert_allclose([truth[q, int(i)] for i in row_ids], scores[q], atol=1e-4)
+
+
+def _unit(n: int, dim: int, seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_cpu_search_is_an_exact_top_k(tmp_path):
+    rows, queries = _unit(3000, 96, 1), _unit(40, 96, 2)
+    index = ExactIndex([str(i) for i in range(len(rows))], rows, path=tmp_path / "x.faiss", generation="g")
+    _assert_exact_knn(index, rows, queries, 10)
+
+
+@pytest.mark.skipif(exact.faiss_gpus() == 0, reason=_gpu_skip_reason())
+def test_gpu_search_is_an_exact_top_k_on_the_gpu(tmp_path, monkeypatch):
+    """Where a faiss-gpu build sees a GPU, the exact side searches there (faiss.knn_gpu): the CPU's
+    faiss.knn is made to fail, and the answers are still numpy's exact top k."""
+    import faiss
+
+    def cpu_knn(*args, **kwargs):
+        raise AssertionError("faiss.knn (CPU) was called with a GPU available")
+
+    monkeypatch.setattr(faiss, "knn", cpu_knn)
+    rows, queries = _unit(20000, 512, 3), _unit(300, 512, 4)
+    index = ExactIndex([str(i) for i in range(len(rows))], rows, path=tmp_path / "x.faiss", generation="g")
+    for k in (1, 10, 100):
+        _assert_exact_knn(index, rows, queries, k)

@@ -18,6 +18,7 @@ from PIL import Image
 from m3d.errors import M3DError, UsageError
 from m3d.meshio import Mesh, load_mesh
 from m3d.render import (
+    RAYCAST_NEEDS,
     RENDERER_CLASSES,
     RENDERERS,
     ModernglRenderer,
@@ -28,6 +29,8 @@ from m3d.render import (
     create_renderer,
     save_strip,
 )
+
+from helpers import RAYCAST, needs_open3d
 
 CHAIR = "Chair/101.off"  # no rotational symmetry about y: a wrong azimuth shows
 MESHES = [CHAIR, "FourLeg/394.off", "Bust/305.off", "Airplane/61.off"]  # median size, the biggest, a thin one
@@ -74,9 +77,9 @@ def rc():
     r.close()
 
 
-@pytest.fixture(params=["moderngl", "raycast"])
-def renderer(request, gl, rc):
-    return {"moderngl": gl, "raycast": rc}[request.param]
+@pytest.fixture(params=["moderngl", RAYCAST])
+def renderer(request):
+    return request.getfixturevalue({"moderngl": "gl", "raycast": "rc"}[request.param])
 
 
 def test_camera_ring_geometry():
@@ -158,6 +161,7 @@ def test_deterministic(renderer, meshes):
     assert np.array_equal(a, b) and np.array_equal(a, c) and not np.array_equal(a, other)
 
 
+@needs_open3d
 def test_moderngl_and_raycast_agree(gl, rc, meshes):
     for name in (CHAIR, "Bust/305.off"):
         a, b = gl.render(meshes[name]), rc.render(meshes[name])
@@ -272,6 +276,26 @@ def test_create_renderer_errors_and_registry():
     for field, bad in (("up", "w"), ("layout", "cube"), ("align", "icp")):
         with pytest.raises(UsageError, match=bad):
             ViewSettings(**{field: bad})
+
+
+@needs_open3d
+def test_create_renderer_makes_a_raycast_renderer():
     r = create_renderer(ViewSettings(views=2, size=32, renderer="raycast"))
     assert isinstance(r, RaycastRenderer)
     r.close()
+
+
+def test_raycast_without_open3d_is_one_line_naming_the_extra(tmp_path):
+    """open3d is an extra: without it (hidden here), m3d imports and syncs with moderngl, and asking for
+    --renderer raycast is refused in one line naming the extra, before the store exists (exit 2)."""
+    store = tmp_path / "s"
+    code = ("import sys; sys.modules['open3d'] = None\n"  # what an install without the extra sees
+            "from m3d.render import RaycastRenderer, ViewSettings\n"
+            "from m3d.errors import M3DError\n"
+            "try:\n    RaycastRenderer(ViewSettings())\nexcept M3DError as e:\n    print(e)\n"
+            "from m3d.cli import run; sys.argv = ['m3d', *sys.argv[1:]]; run()\n")
+    out = subprocess.run([sys.executable, "-c", code, "sync", str(tmp_path), "--renderer", "raycast",
+                          "--encoders", "hog", "--store", str(store)], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == RAYCAST_NEEDS and "m3d[raycast]" in RAYCAST_NEEDS
+    assert out.returncode == 2 and out.stderr.strip().endswith(RAYCAST_NEEDS) and out.stderr.count("\n") == 1, out.stderr
+    assert not store.exists()

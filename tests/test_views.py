@@ -18,7 +18,7 @@ from m3d.schemas import LEGACY_VIEW, Fingerprint
 from m3d.search import query
 from m3d.store import open_session
 
-from helpers import make_tree
+from helpers import RAYCAST, make_tree, needs_open3d
 
 runner = CliRunner()
 CHAIR, PLANE = "Chair/101.off", "Airplane/61.off"
@@ -55,7 +55,7 @@ def test_axis_rotations_are_proper_and_undo_the_conventions():
     assert np.allclose(AXIS_ROTATIONS["x"] @ Y_TO_X, np.eye(3))
 
 
-@pytest.mark.parametrize("renderer", ["moderngl", "raycast"])
+@pytest.mark.parametrize("renderer", ["moderngl", RAYCAST])
 def test_converted_mesh_with_its_up_renders_like_the_original(chair, renderer):
     """A y-up chair written z-up or x-up, rendered with --up z / --up x: the original's pixels; with the
     wrong up it is a different picture (the check discriminates)."""
@@ -87,6 +87,7 @@ def test_sphere_layout_spreads_cameras_evenly_with_level_horizons():
     assert np.allclose(ring[:, 1], ring[0, 1])  # the ring keeps one elevation
 
 
+@needs_open3d
 def test_both_renderers_agree_on_the_sphere(chair):
     view = ViewSettings(views=12, size=128, layout="sphere")
     a = _render(chair, view)

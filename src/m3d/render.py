@@ -37,6 +37,8 @@ DIFFUSE = 0.78
 LIGHT_CAMERA_SPACE = (-0.35, 0.45, 1.0)  # towards the light in camera coords (x right, y up, z back)
 BACKGROUND = 255
 RENDERERS = ("moderngl", "raycast")  # names; the classes are registered below (RENDERER_CLASSES)
+#: open3d (hundreds of MB) is the fallback renderer's only need, so it is an extra, not a dependency
+RAYCAST_NEEDS = "--renderer raycast needs open3d: pip install 'm3d[raycast]' (or use --renderer moderngl)"
 
 
 #: Up axes a user can name; ``auto`` decides from the object and its dataset (see m3d.orientation).
@@ -404,7 +406,9 @@ class RaycastRenderer:
         try:
             import open3d as o3d
         except ImportError as e:
-            raise M3DError(
+            if isinstance(e, ModuleNotFoundError) and e.name == "open3d":
+                raise M3DError(RAYCAST_NEEDS) from None
+            raise M3DError(  # installed, but a library it links against is missing
                 f"open3d is not importable ({' '.join(str(e).split())}): install open3d (and the system "
                 "package libusb-1.0-0 it links against), or use --renderer moderngl"
             ) from None
@@ -465,6 +469,13 @@ class RaycastRenderer:
 
 
 RENDERER_CLASSES: dict[str, type] = {"moderngl": ModernglRenderer, "raycast": RaycastRenderer}
+
+
+def raycast_available() -> bool:
+    """Whether open3d is installed, without importing it (that takes a second)."""
+    import importlib.util
+
+    return importlib.util.find_spec("open3d") is not None
 
 
 def create_renderer(settings: ViewSettings = ViewSettings(), **options: Any) -> Renderer:

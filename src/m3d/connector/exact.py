@@ -16,6 +16,7 @@ Layout (format 3): a 4 KiB header (magic + JSON: dim, rows, capacity, collection
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import tempfile
@@ -30,6 +31,33 @@ HEADER = 4096
 ID = np.dtype("S36")  # a point id (a UUID's text) as stored
 FOLD = 65536  # id lookups kept beside the sorted snapshot before it is rebuilt
 CHUNK_BYTES = 8 << 20  # streamed copies move this much at a time
+
+
+GPU_MAX_K = 2048  # the largest k FAISS's GPU k-selection takes
+
+
+def faiss_gpus() -> int:
+    """GPUs this FAISS build can use: 0 for faiss-cpu (no GPU resources) or where no GPU is visible."""
+    import faiss
+
+    return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
+
+
+@functools.cache
+def _gpu_resources():
+    import faiss
+
+    return faiss.StandardGpuResources()  # scratch memory and streams, made once per process
+
+
+def knn(queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product k-NN (scores, row numbers): brute force on the GPU where a faiss-gpu build
+    sees one (faiss.knn_gpu), else on the CPU (faiss.knn). Both are exact; they differ by float rounding."""
+    import faiss
+
+    if k <= GPU_MAX_K and faiss_gpus() > 0:
+        return faiss.knn_gpu(_gpu_resources(), queries, rows, k, metric=faiss.METRIC_INNER_PRODUCT)
+    return faiss.knn(queries, rows, k, metric=faiss.METRIC_INNER_PRODUCT)
 
 
 class ExactIndex:
@@ -204,13 +232,11 @@ class ExactIndex:
     # -- search ------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
         """Scores (q, k) and ids of the k nearest rows for every query (fewer when the index is small)."""
-        import faiss
-
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         k = min(k, self._n)
         if k == 0:
             return np.zeros((len(queries), 0), np.float32), [[] for _ in queries]
-        scores, rows = faiss.knn(queries, self.vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+        scores, rows = knn(queries, self.vectors, k)
         return scores, [[self.id_at(r) for r in row if r >= 0] for row in rows]
 
     # -- files -------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ..errors import UsageError
 from ..connector import IndexSettings
 from ..meshio import DEFAULT_MAX_FACES
-from ..render import ViewSettings
+from ..render import RAYCAST_NEEDS, ViewSettings, raycast_available
 
 DEFAULT_ENCODERS = ("clip", "dinov2")
 DEFAULT_POOLS = ("mean", "max", "attn")
@@ -56,6 +56,8 @@ class SyncOptions:
             value = getattr(self, name)
             if value is not None and (int(value) != value or value < 1):
                 raise UsageError(f"{name} must be a positive integer, got {value!r}")
+        if self.view.renderer == "raycast" and not raycast_available():
+            raise UsageError(RAYCAST_NEEDS)
         if self.engine not in ENGINES:
             raise UsageError(f"unknown engine {self.engine!r}; choose from {', '.join(ENGINES)}")
         if self.ray_address is not None and self.engine != "ray":
