@@ -579,7 +579,7 @@ def run() -> None:
         where = exc.ctx.command_path if exc.ctx else "m3d"
         typer.echo(f"error: {printable(one_line(exc.format_message()))} (options: {where} --help)", err=True)
         sys.exit(2)
-    except click_errors.Abort:  # ctrl-C at a prompt
+    except typer.Abort:  # ctrl-C at a prompt (typer >= 0.20's own click has no Abort: typer's is the one raised)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 

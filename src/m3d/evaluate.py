@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .connector import SearchSettings
-from .errors import UsageError, spreadsheet_cell
+from .errors import StoreError, UsageError, spreadsheet_cell
 from .store import Session
 
 PRECISION_AT = (5, 10)
@@ -141,6 +141,10 @@ def evaluate_collection(session: Session, name: str, *, recall_k: int = 10, reca
                         search: tuple[SearchSettings, ...] = (SearchSettings(),)) -> CollectionEval:
     """Quality from the exact index; then Qdrant against FAISS for each search setting (an ef sweep)."""
     index = session.exact(name)
+    damaged = _damaged_rows(index.vectors)
+    if damaged:  # NaN or huge floats would rank as noise and leave FAISS answers empty
+        raise StoreError(f"collection {name} holds {damaged} damaged vectors (not unit length): `m3d sync` embeds "
+                         "them again (`m3d check` counts them)")
     labels_by_id = {rec.id: rec.payload.get("class") for rec in session.vectors.records(name, fields=["class"])}
     ids = index.ids
     labels = np.array([str(labels_by_id.get(i)) for i in ids])
@@ -184,6 +188,16 @@ def evaluate_collection(session: Session, name: str, *, recall_k: int = 10, reca
         latency_ms={e: lat for e, lat in latency_ms.items() if lat},
         index=info.state, indexed=info.indexed, sweep=sweep,
     )
+
+
+def _damaged_rows(vectors: np.ndarray) -> int:
+    """Rows that are not unit vectors (stored vectors always are), counted a chunk at a time."""
+    bad = 0
+    with np.errstate(over="ignore", invalid="ignore"):
+        for lo in range(0, len(vectors), CHUNK):
+            norms = np.linalg.norm(vectors[lo:lo + CHUNK], axis=1)
+            bad += int((~(np.abs(norms - 1.0) <= 1e-3)).sum())
+    return bad
 
 
 def _recall(session: Session, name: str, index, sample: np.ndarray, queries: np.ndarray, exact: list[list[str]],

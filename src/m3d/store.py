@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from .connector import VECTOR_PAGE, VectorStore, open_store
-from .connector.exact import ExactIndex
+from .connector.exact import MISSING, ExactIndex, path_of
 from .connector.lock import StoreLock
-from .errors import M3DError, StoreError, UsageError
+from .errors import StoreError, UsageError
 from .schemas import COLLECTION_PREFIX, Fingerprint
 
 log = logging.getLogger("m3d")
@@ -30,7 +30,8 @@ def is_unit(vector: np.ndarray | None, tol: float = 1e-3) -> bool:
     """Stored vectors are L2-normalised: a zero or non-finite one means damage, not data."""
     if vector is None:
         return False
-    norm = float(np.linalg.norm(vector))
+    with np.errstate(over="ignore", invalid="ignore"):  # garbled floats: damage to count, not a warning to print
+        norm = float(np.linalg.norm(vector))
     return np.isfinite(norm) and abs(norm - 1.0) <= tol
 
 
@@ -129,21 +130,19 @@ class Session:
         held = self._exact.get(name)  # loaded or built by this session and kept in step since
         if held is not None and held.generation == current:
             return held
-        index = ExactIndex.load(self.exact_dir, name)
-        reason = self._distrust(name, index, current)
+        index, unreadable = ExactIndex.open(self.exact_dir, name)
+        reason = unreadable or self.distrust(name, index, current)
         if reason is None:
             self._exact[name] = index
             return index
         if index is not None:
             index.close()
         # a missing file is routine (a new collection); anything else means it was out of step
-        (log.info if index is None else log.warning)("FAISS index of %s %s: rebuilt from Qdrant", name, reason)
+        (log.info if unreadable == MISSING else log.warning)("FAISS index of %s %s: rebuilt from Qdrant", name, reason)
         return self.rebuild_exact(name, must_save=False)
 
-    def _distrust(self, name: str, index: ExactIndex | None, current: str | None) -> str | None:
+    def distrust(self, name: str, index: ExactIndex, current: str | None) -> str | None:
         """Why a saved index may not answer for the collection now, or None when it may."""
-        if index is None:
-            return "is missing or unreadable"
         if index.collection != self.vectors.physical(name):
             return f"was made for collection {index.collection or '(unknown)'}"
         if current is None or index.generation != current:
@@ -154,9 +153,10 @@ class Session:
         records = self.vectors.retrieve(name, list(rows), vectors=True) if rows else []
         if len(records) != len(rows):  # a sampled id Qdrant does not hold (retrieve skips it silently)
             return "holds other ids than Qdrant"
-        for rec in records:
-            if not np.allclose(index.vectors[rows[rec.id]], rec.vector, atol=1e-5):
-                return "holds other vectors than Qdrant"
+        with np.errstate(over="ignore", invalid="ignore"):  # a garbled float is a difference, not a warning
+            for rec in records:
+                if not np.allclose(index.vectors[rows[rec.id]], rec.vector, atol=1e-5, equal_nan=True):
+                    return "holds other vectors than Qdrant"
         return None
 
     def rebuild_exact(self, name: str, *, must_save: bool = True) -> ExactIndex:
@@ -178,10 +178,14 @@ class Session:
         except OSError as exc:
             if index is not None:  # filled but not saved (commit or move failed): no .tmp left behind
                 index.discard()
+            target = path_of(self.exact_dir, name)
+            why = f"{target} is a directory: `m3d check --repair` sets it aside" if target.is_dir() \
+                else exc.strerror or exc
             if must_save:
+                if target.is_dir():
+                    raise StoreError(f"FAISS index of {name} not saved ({why})") from None
                 raise
-            log.warning("FAISS index of %s not saved (%s): it answers from a temporary file for this command", name,
-                        exc.strerror or exc)
+            log.warning("FAISS index of %s not saved (%s): it answers from a temporary file for this command", name, why)
             index = self._fill(name, ExactIndex([], np.zeros((0, self.vectors.dim(name)), np.float32),
                                                 collection=self.vectors.physical(name)))
         index.generation = token
@@ -228,85 +232,10 @@ class Session:
         self._written.pop(name, None)
 
     def check(self, repair: bool = False) -> list[dict]:
-        """Per collection: Qdrant count, FAISS count, whether they hold the same ids, fingerprints seen,
-        vectors that are not unit length (damage a re-run of `m3d sync` re-embeds) and damage to the
-        store's files. With repair: set aside misplaced store files, rewrite collection settings and
-        payload indexes, set aside collections whose points cannot be read, rebuild FAISS."""
-        rows = []
-        damage = self._layout_damage()
-        if damage:
-            done = [f"set aside {self._set_aside_file(path)}" for path, _ in damage] if repair else []
-            rows.append(_row("(store files)", problems=[why for _, why in damage], repaired=done, ok=bool(done)))
-        for name in self.collections():
-            rows.append(self._check_collection(name, repair))
-        return rows
+        """`m3d check` (and with repair, `--repair`) of this store: see m3d.check."""
+        from .check import check_store
 
-    def _check_collection(self, name: str, repair: bool) -> dict:
-        problems, done = [], []
-        try:
-            problems = self.vectors.problems(name)
-            if repair and problems:
-                done = self.vectors.repair(name)
-                problems = self.vectors.problems(name)
-            index = ExactIndex.load(self.exact_dir, name)
-            generation = self.vectors.generation(name)
-            current = (index is not None and index.collection == self.vectors.physical(name)
-                       and generation is not None and index.generation == generation)
-            count, prints, damaged, in_step = self._compare(name, index if current else None)
-        except StoreError as exc:  # the points themselves cannot be read: only a new sync brings them back
-            if repair:
-                where = self.vectors.set_aside(name, self.store_dir / "damaged")
-                self.drop_exact(name)
-                done.append(f"set aside {where}: run `m3d sync` to embed it again")
-            return _row(name, problems=list(dict.fromkeys([*problems, str(exc)])), repaired=done, ok=False)
-        if repair and not in_step:
-            if index is not None:
-                index.close()  # the file the rebuild replaces
-            index = self.rebuild_exact(name)
-            in_step = self._compare(name, index)[3]
-            done.append("rebuilt FAISS")
-        elif index is not None:
-            index.close()  # check's own read of the file: the session keeps none
-        return _row(name, qdrant_points=count, faiss_points=None if index is None else len(index),
-                    in_step=in_step, fingerprints=len(prints), damaged_vectors=damaged, problems=problems,
-                    repaired=done, ok=in_step and len(prints) <= 1 and damaged == 0 and not problems)
-
-    def _compare(self, name: str, index: ExactIndex | None) -> tuple[int, set[str], int, bool]:
-        """Every point of the collection, streamed: (count, fingerprints seen, vectors not unit length,
-        whether the index holds exactly these ids, each with Qdrant's vector)."""
-        count, written, damaged, same = 0, set(), 0, index is not None
-        for rec in self.vectors.records(name, fields=["pipeline"], vectors=True):
-            count += 1
-            written.add(json.dumps(rec.payload.get("pipeline"), sort_keys=True))  # as written: cheap per point
-            damaged += not is_unit(rec.vector)
-            if same:
-                row = index.row(rec.id)
-                same = row is not None and np.allclose(index.vectors[row], rec.vector, atol=1e-5)
-        prints = {_settings_key(json.loads(raw)) for raw in written}  # read as settings once per spelling
-        return count, prints, damaged, same and len(index) == count
-
-    def _layout_damage(self) -> list[tuple[Path, str]]:
-        """Store files of the wrong kind (a file where a folder belongs, or the reverse) or with
-        unreadable content, each with its one-line description."""
-        found = []
-        for rel, is_dir in LAYOUT.items():
-            path = self.store_dir / rel
-            if (path.exists() or path.is_symlink()) and path.is_dir() != is_dir:
-                found.append((path, f"{path} should be a {'directory' if is_dir else 'file'}"))
-        if not found:
-            try:
-                self.roots()
-            except StoreError as exc:
-                found.append((self.store_dir / "reports" / "roots.json", str(exc)))
-        return found
-
-    def _set_aside_file(self, path: Path) -> Path:
-        """Rename a damaged store file out of the way (kept, never deleted: it may hold someone's work)."""
-        target, n = path.with_name(path.name + ".damaged"), 1
-        while target.exists() or target.is_symlink():
-            target, n = path.with_name(f"{path.name}.damaged{n}"), n + 1
-        path.rename(target)
-        return target
+        return check_store(self, repair)
 
     def claim_root(self, dataset: str, root: Path, *, explicit: bool = False) -> str | None:
         """Record where a dataset's files live on this machine (kept locally, never in a shared
@@ -384,24 +313,11 @@ class Session:
         self.close()
 
 
-#: The store's own files and whether each is a directory; anything else in one of these places is damage.
-LAYOUT = {"qdrant": True, "faiss": True, "reports": True, "reports/last-sync.json": False,
-          "reports/roots.json": False}
-
-
 def _own_dir(path: Path) -> Path:
     """A store folder, or one line saying what is in its place."""
     if (path.exists() or path.is_symlink()) and not path.is_dir():
         raise StoreError(f"{path} should be a directory: `m3d check --repair` sets aside what is there")
     return path
-
-
-def _row(name: str, *, qdrant_points=None, faiss_points=None, in_step=False, fingerprints=0, damaged_vectors=0,
-         problems=(), repaired=(), ok=False) -> dict:
-    """One line of `m3d check`: the same columns for every collection and for the store's own files."""
-    return {"collection": name, "qdrant_points": qdrant_points, "faiss_points": faiss_points, "in_step": in_step,
-            "fingerprints": fingerprints, "damaged_vectors": damaged_vectors, "problems": "; ".join(problems),
-            "repaired": "; ".join(repaired), "ok": ok}
 
 
 def _same_dir(a: str, b: str) -> bool:
@@ -430,13 +346,3 @@ def open_session(store_dir: Path, *, url: str | None = None, api_key: str | None
         lock.__exit__(None, None, None)
         raise
     return Session(store_dir, vectors, lock, created=created)
-
-
-def _settings_key(pipeline: dict | None) -> str:
-    """One key per set of settings: points written before a setting existed (or when the sphere still
-    recorded an elevation) read as what they were made with, so they count with their new neighbours."""
-    try:
-        pipeline = Fingerprint.from_payload(pipeline).to_payload()
-    except (AttributeError, KeyError, TypeError, M3DError):
-        pass  # unreadable: its raw form is its own key, and check says there is more than one
-    return json.dumps(pipeline, sort_keys=True)

@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
+import re
 import shutil
+import sys
 import tempfile
+import threading
 import time
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
@@ -31,6 +37,7 @@ SPARE_BYTES = 64 << 20
 POINT_OVERHEAD = 4096
 ALIASES = "aliases.json"  # collection name -> the version directory readers use
 T = TypeVar("T")
+log = logging.getLogger("m3d")
 
 
 def _engine():
@@ -39,10 +46,56 @@ def _engine():
     return qdrant_edge
 
 
-def _engine_error(exc: Exception, root: Path, name: str) -> Exception:
-    """qdrant-edge raises bare Exceptions: a second opener's WAL lock means busy, a full disk says so
-    with the space left; anything else is named with the collection and what tells damage apart."""
+def _is_panic(exc: BaseException) -> bool:
+    """pyo3 raises a Rust panic as pyo3_runtime.PanicException, a BaseException (not an Exception, and
+    not importable): the engine met files it cannot read."""
+    return type(exc).__name__ == "PanicException"
+
+
+def _engine_failure(exc: BaseException) -> bool:
+    """What an engine call can fail with: a bare Exception or a panic (never ctrl-C or an exit)."""
+    return isinstance(exc, Exception) or _is_panic(exc)
+
+
+_STDERR_LOCK = threading.Lock()  # one engine call at a time points fd 2 away
+_scratch: list = []  # the file fd 2 points at during engine calls (made once per process)
+#: What Rust prints for a panic: "thread '...' panicked at ...", the message, a backtrace when
+#: RUST_BACKTRACE is set, and a closing "note: ..." line.
+_PANIC_TEXT = re.compile(rb"\n?thread '[^\n]* panicked at .*?^note: [^\n]*\n?", re.S | re.M)
+
+
+@contextmanager
+def _quiet_engine():
+    """Rust prints a panic, and with RUST_BACKTRACE ninety lines of backtrace, on fd 2 before pyo3 raises
+    it; m3d turns the exception into one line, so during an engine call fd 2 points at a scratch file.
+    Whatever else was written there meanwhile (another thread's log line) is passed on afterwards."""
+    with _STDERR_LOCK:
+        if not _scratch:
+            _scratch.append(tempfile.TemporaryFile())
+        scratch = _scratch[0].fileno()
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(scratch, 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if os.fstat(scratch).st_size:
+                text = _PANIC_TEXT.sub(b"", os.pread(scratch, os.fstat(scratch).st_size, 0))
+                os.ftruncate(scratch, 0)
+                if text:
+                    os.write(2, text)
+
+
+def _engine_error(exc: BaseException, root: Path, name: str) -> Exception:
+    """qdrant-edge raises bare Exceptions (and panics): a second opener's WAL lock means busy, a full
+    disk says so with the space left; anything else is named with the collection and the fix."""
     text = str(exc)
+    if _is_panic(exc):
+        first = text.splitlines()[0] if text else "a panic"
+        return StoreError(f"collection {name} is damaged: the engine failed reading its files ({first}): "
+                          "`m3d check --repair` sets it aside and `m3d sync` embeds it again")
     if "WouldBlock" in text:
         return StoreBusyError(f"store {root.parent} is busy: another m3d process has it open")
     if "No space left" in text or getattr(exc, "errno", None) == errno.ENOSPC:
@@ -94,7 +147,9 @@ class EdgeStore:
         return self._aliases().get(name, name)
 
     def _physical_names(self) -> set[str]:
-        return {p.parent.name for p in self.root.glob("*/m3d.json")}
+        """Collection directories: those with m3d.json, and shards that lost it (check names them)."""
+        return {p.parent.name for p in self.root.glob("*/m3d.json")} | \
+            {p.parents[1].name for p in self.root.glob("*/shard/edge_config.json")}
 
     def collections(self) -> list[str]:
         """Names readers use: aliases, and plain collections; versions being built stay hidden."""
@@ -133,7 +188,10 @@ class EdgeStore:
     def dim(self, name: str) -> int:
         """The collection's dimension from m3d.json, checked against the shard's own settings."""
         meta = self._meta_path(name)
-        if not meta.exists():
+        if not meta.exists() and not self._restore_meta(name):
+            if self._shard_dim(name) is not None:
+                raise StoreError(f"collection {name} has lost its m3d.json (its settings and generation): "
+                                 "`m3d check --repair` or the next `m3d sync` writes it again from the shard's settings")
             raise StoreError(f"no collection {name!r} in {self.root}")
         try:
             dim = json.loads(meta.read_text())["dim"]
@@ -148,13 +206,35 @@ class EdgeStore:
                              "`m3d check --repair` writes it again from the shard's settings")
         return dim
 
+    def _restore_meta(self, name: str) -> bool:
+        """A writer (sync) finding a shard that lost its m3d.json makes it whole from the shard's settings."""
+        restored = self._shard_config(name) if self.write else None
+        if restored is not None:
+            self._write_meta(name, restored)
+            log.warning("collection %s had lost its m3d.json: written again from its shard's settings", name)
+        return restored is not None
+
     def _shard_dim(self, name: str) -> int | None:
         """The dimension the engine itself recorded when it created the shard (None when unreadable)."""
+        config = self._shard_config(name)
+        return config["dim"] if config else None
+
+    def _shard_config(self, name: str) -> dict | None:
+        """m3d.json as the shard's own settings (edge_config.json) tell it, with a new generation (no
+        FAISS file describes what is restored this way), or None when they cannot be read."""
         try:
             config = json.loads((self.root / self.physical(name) / "shard" / "edge_config.json").read_text())
-            return int(config["vectors"][""]["size"])
-        except (OSError, ValueError, KeyError, TypeError):
+            vectors, hnsw = config["vectors"][""], config.get("hnsw_config") or {}
+            dim, kb = int(vectors["size"]), int((config.get("optimizers") or {}).get("indexing_threshold") or 0)
+            quantization = config.get("quantization_config") or {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
+        index = {"hnsw_m": hnsw.get("m"), "hnsw_ef_construct": hnsw.get("ef_construct"),
+                 "on_disk": bool(vectors.get("on_disk")), "quantization": "int8" if "scalar" in quantization
+                 else "binary" if "binary" in quantization else "none",
+                 "index_threshold": _threshold_points(kb, dim)}
+        return {"dim": dim, "distance": "cosine", "index": {k: v for k, v in index.items() if v is not None},
+                "generation": uuid.uuid4().hex}
 
     def _meta(self, name: str) -> dict:
         """m3d.json, after dim() has checked it (so damage is named the same way everywhere)."""
@@ -190,7 +270,7 @@ class EdgeStore:
 
     def ensure_collection(self, name: str, dim: int, settings: IndexSettings = IndexSettings()) -> None:
         settings.check_backend(server=False)
-        if self._meta_path(name).exists():
+        if self._meta_path(name).exists() or self._restore_meta(name):
             if self.dim(name) != dim:
                 raise StoreError(f"collection {name} holds {self.dim(name)}-d vectors, not {dim}-d")
             differences = settings.differences(self.settings(name))
@@ -246,8 +326,8 @@ class EdgeStore:
             if held is None:
                 raise StoreError(f"collection {name}: neither m3d.json nor the shard's settings can be read: "
                                  "`m3d check --repair` sets it aside") from None
-            self._write_meta(name, {"dim": held, "distance": "cosine"})  # index settings: the defaults
-            done.append(f"wrote m3d.json again ({held}-d)")
+            self._write_meta(name, self._shard_config(name))
+            done.append(f"wrote m3d.json again from the shard's settings ({held}-d)")
         missing = self._index_payload(name)
         if missing:
             done.append(f"built payload index on {', '.join(missing)}")
@@ -259,9 +339,11 @@ class EdgeStore:
         shard = self._shards.pop(physical, None)
         if shard is not None:
             try:
-                shard.close()
-            except Exception:  # a damaged shard may fail to close; it is being moved away
-                pass
+                with _quiet_engine():
+                    shard.close()
+            except BaseException as exc:  # a damaged shard may fail (or panic) to close; it is being moved away
+                if not _engine_failure(exc):
+                    raise
         where.mkdir(parents=True, exist_ok=True)
         target = where / f"{physical}-{time.strftime('%Y%m%d-%H%M%S')}"
         shutil.move(str(self.root / physical), str(target))
@@ -285,10 +367,20 @@ class EdgeStore:
         dim = self.dim(name)
         try:
             if path.exists() and any(path.iterdir()):
-                shard = q.EdgeShard.load(str(self._openable(name, path)))
+                _check_segments(name, path)
+                openable = self._openable(name, path)
+                with _quiet_engine():
+                    shard = q.EdgeShard.load(str(openable))
             else:
-                shard = q.EdgeShard.create(str(path), _config(q, dim, self.settings(name)))
-        except Exception as exc:  # the engine raises bare Exception
+                self.require_space()  # a shard is created for writing: refused before anything exists
+                config = _config(q, dim, self.settings(name))
+                with _quiet_engine():
+                    shard = q.EdgeShard.create(str(path), config)
+        except BaseException as exc:  # the engine raises bare Exception, or panics
+            if not _engine_failure(exc):
+                raise
+            if isinstance(exc, StoreError):
+                raise
             raise _engine_error(exc, self.root, name) from None
         self._shards[physical] = shard
         return shard
@@ -313,8 +405,11 @@ class EdgeStore:
         """One engine call on a collection's shard, its bare Exceptions turned into one-line errors."""
         shard = self._shard(name)
         try:
-            return call(shard)
-        except Exception as exc:
+            with _quiet_engine():
+                return call(shard)
+        except BaseException as exc:
+            if not _engine_failure(exc):
+                raise
             raise _engine_error(exc, self.root, name) from None
 
     # -- points ------------------------------------------------------------------------------
@@ -390,8 +485,11 @@ class EdgeStore:
         for name, shard in self._shards.items():
             for step in (shard.flush, shard.close):
                 try:
-                    step()
-                except Exception as exc:
+                    with _quiet_engine():
+                        step()
+                except BaseException as exc:
+                    if not _engine_failure(exc):
+                        raise
                     error = error or _engine_error(exc, self.root, name)
         self._shards.clear()
         for scratch in self._copies.values():
@@ -399,6 +497,58 @@ class EdgeStore:
         self._copies.clear()
         if error is not None:
             raise error
+
+
+#: mutable_id_tracker.mappings entries (Qdrant's MappingChangeType byte -> entry bytes): insert a
+#: number / UUID id (+ a u32 internal id), delete a number / UUID id.
+MAPPING_ENTRY = {1: 13, 2: 21, 3: 9, 4: 17}
+INSERT_UUID = np.dtype([("kind", "u1"), ("uuid", "V16"), ("internal", "<u4")])
+
+
+def _check_segments(name: str, shard: Path) -> None:
+    """Refuse, in one line naming the file, segment files the engine cannot survive reading: it aborts
+    the process on an internal id far past the segment's points (a garbled id tracker: "memory
+    allocation of 92 GB failed", exit 134) and panics on an emptied or cut vector status file."""
+    for segment in sorted((shard / "segments").glob("*")):
+        for status in segment.glob("vector_storage/*/status.dat"):
+            if status.stat().st_size < 8:
+                raise _damaged(name, status, f"{status.stat().st_size} of its 8 bytes")
+        mappings = segment / "mutable_id_tracker.mappings"
+        if mappings.is_file():
+            why = _mappings_damage(mappings.read_bytes(), (segment / "mutable_id_tracker.versions"))
+            if why:
+                raise _damaged(name, mappings, why)
+
+
+def _damaged(name: str, path: Path, why: str) -> StoreError:
+    return StoreError(f"collection {name} is damaged: {path} {why}: `m3d check --repair` sets it aside and "
+                      "`m3d sync` embeds it again")
+
+
+def _mappings_damage(data: bytes, versions: Path) -> str | None:
+    """Why an id tracker's mappings cannot be right, or None. Internal ids are handed out in order, one
+    per inserted point, so none can reach past the inserts recorded (plus the versions the tracker
+    holds, generously); a trailing half entry is a crash while flushing, which the engine cuts itself."""
+    if len(data) % INSERT_UUID.itemsize == 0 and (kinds := np.frombuffer(data, np.uint8)[::INSERT_UUID.itemsize]).size \
+            and (kinds == 2).all():  # only UUID inserts, m3d's usual file: checked at numpy speed
+        internal = np.frombuffer(data, INSERT_UUID)["internal"]
+        inserts, highest = len(internal), int(internal.max())
+    else:
+        inserts, highest, at = 0, -1, 0
+        while at < len(data):
+            size = MAPPING_ENTRY.get(data[at])
+            if size is None:
+                return f"holds an entry of unknown kind {data[at]:#04x} at byte {at}"
+            if at + size > len(data):
+                break
+            if data[at] in (1, 2):
+                inserts += 1
+                highest = max(highest, int.from_bytes(data[at + size - 4:at + size], "little"))
+            at += size
+    known = versions.stat().st_size // 8 if versions.is_file() else 0
+    if highest >= 2 * (inserts + known) + 1024:
+        return f"names internal id {highest} for a segment of {inserts} inserted points"
+    return None
 
 
 def _copy_sparse(src: str, dst: str) -> None:
@@ -423,6 +573,14 @@ def _copy_sparse(src: str, dst: str) -> None:
             offset = end
         fout.truncate(size)
     shutil.copystat(src, dst)
+
+
+def _threshold_points(kb: int, dim: int) -> int | None:
+    """IndexSettings.index_threshold back from the engine's KB of vectors: the fewest points that fill
+    it (1 KB is what a threshold of 0, "always", is written as)."""
+    if not kb:
+        return None
+    return 0 if kb == 1 else (kb - 1) * 1024 // (4 * dim) + 1
 
 
 def _config(q, dim: int, settings: IndexSettings):

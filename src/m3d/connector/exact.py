@@ -31,6 +31,7 @@ HEADER = 4096
 ID = np.dtype("S36")  # a point id (a UUID's text) as stored
 FOLD = 65536  # id lookups kept beside the sorted snapshot before it is rebuilt
 CHUNK_BYTES = 8 << 20  # streamed copies move this much at a time
+MISSING = "is missing"  # why open() found no index: routine for a new collection, unlike the others
 
 
 GPU_MAX_K = 2048  # the largest k FAISS's GPU k-selection takes
@@ -242,8 +243,14 @@ class ExactIndex:
     # -- files -------------------------------------------------------------------------------
     @classmethod
     def load(cls, directory: Path, name: str) -> "ExactIndex | None":
-        """The saved index, or None when there is none, it cannot be read, or it has an older layout.
-        Opened for writing where the store allows it (a sync updates it in place), else read-only."""
+        """The saved index, or None when there is none, it cannot be read, or it has an older layout."""
+        return cls.open(directory, name)[0]
+
+    @classmethod
+    def open(cls, directory: Path, name: str) -> "tuple[ExactIndex | None, str | None]":
+        """The saved index and None, or None and why it cannot be used (missing, a directory, emptied,
+        cut short, a garbled header, an older layout). Opened for writing where the store allows it
+        (a sync updates it in place), else read-only."""
         path = path_of(directory, name)
         try:
             try:
@@ -252,17 +259,24 @@ class ExactIndex:
                 if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                     raise
                 handle = open(path, "rb")
-        except OSError:
-            return None
+        except FileNotFoundError:
+            return None, MISSING
+        except IsADirectoryError:
+            return None, "is a directory, not a file"
+        except OSError as exc:
+            return None, f"cannot be opened ({exc.strerror})"
         try:
+            size = os.fstat(handle.fileno()).st_size
+            if size == 0:
+                raise _Unusable("is empty")
             index = cls.__new__(cls)
             index._open(handle, path, _read_header(handle))
-            if index._n > index._capacity or os.fstat(index._fd).st_size < index._row_offset(index._capacity):
-                raise ValueError("truncated")
-            return index
-        except (OSError, ValueError, KeyError, TypeError):  # truncated, garbled, old layout
+            if index._n > index._capacity or size < index._row_offset(index._capacity):
+                raise _Unusable(f"is cut short ({size:,} of its {index._row_offset(index._capacity):,} bytes)")
+            return index, None
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # truncated, garbled, old layout
             handle.close()
-            return None
+            return None, str(exc) if isinstance(exc, _Unusable) else f"has a garbled header ({type(exc).__name__})"
 
     @classmethod
     def build(cls, directory: Path, name: str, dim: int, collection: str) -> "ExactIndex":
@@ -328,6 +342,10 @@ class ExactIndex:
             self._views = (vectors, [b.decode() for b in np.asarray(raw).tolist()])
         return self._views
 
+class _Unusable(ValueError):
+    """Why a saved file cannot be read as an index (its text completes "the FAISS index of X ...")."""
+
+
 def _encode(pid: str) -> bytes:
     raw = pid.encode("ascii")
     if len(raw) > ID.itemsize or raw.endswith(b"\0"):
@@ -337,11 +355,16 @@ def _encode(pid: str) -> bytes:
 
 def _read_header(handle: BinaryIO) -> dict:
     raw = os.pread(handle.fileno(), HEADER, 0)
-    if len(raw) < HEADER or not raw.startswith(MAGIC):
-        raise ValueError("not an m3d FAISS file of this layout")
-    header = json.loads(raw[len(MAGIC):].decode())
-    if header.get("format") != FORMAT:
-        raise ValueError("other layout")
+    if len(raw) < HEADER:
+        raise _Unusable(f"is cut short ({len(raw):,} bytes, less than its header)")
+    if not raw.startswith(MAGIC):
+        raise _Unusable("has a garbled header (not an m3d FAISS file)")
+    try:
+        header = json.loads(raw[len(MAGIC):].decode())
+    except ValueError:
+        raise _Unusable("has a garbled header (unreadable settings)") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise _Unusable("has another layout (an older m3d)")
     return header
 
 
