@@ -85,7 +85,7 @@ def _compare(session: Session, name: str, index: ExactIndex | None) -> tuple[int
         if same:
             row = index.row(rec.id)
             with np.errstate(over="ignore", invalid="ignore"):  # garbled floats compare unequal, quietly
-                same = row is not None and np.allclose(index.vectors[row], rec.vector, atol=1e-5, equal_nan=True)
+                same = row is not None and np.allclose(index.vectors[row], rec.vector.ravel(), atol=1e-5, equal_nan=True)
     prints = {_settings_key(json.loads(raw)) for raw in written}  # read as settings once per spelling
     return count, prints, damaged, same and len(index) == count
 

@@ -168,7 +168,7 @@ def _print(obj) -> None:
 def sync(
     root: Annotated[Path, typer.Argument(help="Folder of meshes: <class>/<split>/<name>.off or <class>/<name>.off")],
     encoders: Annotated[str, typer.Option(help="Comma-separated: clip, dinov2, hog (weight-free), a Hugging Face id or a local checkpoint directory.")] = "clip,dinov2",
-    pools: Annotated[str, typer.Option(help="Comma-separated pools: mean, max, attn.")] = "mean,max,attn",
+    pools: Annotated[str, typer.Option(help="Comma-separated pools: mean, max, attn, views (every view kept as one multivector, matched by MaxSim).")] = "mean,max,attn",
     views: ViewsOpt = 8,
     elevation: ElevationOpt = None,
     size: SizeOpt = 224,
@@ -477,6 +477,7 @@ def info(
             classes = session.vectors.facet(name, "class")
             index = session.vectors.index_info(name)
             rows.append({"collection": name, "points": session.vectors.count(name), "dim": session.vectors.dim(name),
+                         "vectors": session.vectors.views(name) or 1,  # per point: a views collection's multivector
                          "index": index.state, "threshold": index.settings.index_threshold,
                          "classes": len(classes), "encoder": fp.model_id if fp else "",
                          "precision": fp.precision if fp else "",

@@ -176,6 +176,9 @@ def find_duplicates(session: Session, options: DedupOptions) -> DedupResult:
     from .search import choose_collection
 
     name = choose_collection(session, options.collection)
+    if session.vectors.views(name) is not None:
+        raise UsageError(f"{name} holds every view of an object (a multivector): near duplicates are decided by one "
+                         "vector per object, so name a pooled collection (--collection m3d_<encoder>_mean)")
     index = session.exact(name)
     payloads = {r.id: r.payload for r in session.vectors.records(name, fields=PAYLOAD)}
     members = [Member(pid, str(payloads[pid].get("path")), str(payloads[pid].get("dataset")),

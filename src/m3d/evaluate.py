@@ -7,7 +7,9 @@ Qdrant's answers, as configured (HNSW graph, quantization, search-time ef), with
 the same query vectors. A collection without an HNSW graph is searched exactly by Qdrant too: its
 recall says only that both engines hold the same rows, and the table says so. A query whose class has
 no other member cannot be answered right: it is left out of every quality metric (p@k, NN, mAP, per
-class) and counted in ``excluded``, so one convention holds everywhere.
+class) and counted in ``excluded``, so one convention holds everywhere. A views collection (one
+multivector per object) ranks by exact MaxSim (m3d.maxsim) and its recall compares Qdrant's native
+MaxSim answers with that exact one.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 
 from .connector import SearchSettings
 from .errors import StoreError, UsageError, spreadsheet_cell
+from .maxsim import scores
 from .store import Session
 
 PRECISION_AT = (5, 10)
@@ -78,17 +81,18 @@ METRICS = ("ap", "nn", "ft", "st", "dcg", "scored")
 
 
 def ranking_metrics(vectors: np.ndarray, labels: np.ndarray, ks=PRECISION_AT, *,
-                    exclude_above: float | None = None) -> dict:
+                    exclude_above: float | None = None, views: int = 1) -> dict:
     """precision@k, AP, NN, FT, ST and DCG for every row against all others (self excluded),
     computed exactly on unit vectors in chunks so memory stays bounded. Rows whose label no other row
     shares get NaN everywhere and False in "scored": callers average over the scored rows only.
     exclude_above: candidates scoring at or above it against the query (its near duplicates) are
-    removed from that query's ranking, as its own point is."""
+    removed from that query's ranking, as its own point is. views > 1: rows are flat multivectors,
+    ranked by MaxSim."""
     n = len(vectors)
     parts = []
     for lo in range(0, n, CHUNK):
         hi = min(n, lo + CHUNK)
-        sims = vectors[lo:hi] @ vectors.T
+        sims = scores(vectors[lo:hi], vectors, views)
         sims[np.arange(hi - lo), np.arange(lo, hi)] = -np.inf  # never your own neighbour
         if exclude_above is not None:
             sims[sims >= exclude_above] = -np.inf
@@ -148,7 +152,7 @@ def evaluate_collection(session: Session, name: str, *, recall_k: int = 10, reca
     labels_by_id = {rec.id: rec.payload.get("class") for rec in session.vectors.records(name, fields=["class"])}
     ids = index.ids
     labels = np.array([str(labels_by_id.get(i)) for i in ids])
-    metrics = ranking_metrics(index.vectors, labels)
+    metrics = ranking_metrics(index.vectors, labels, views=index.views)
     scored = metrics["scored"]
     per_class = {}
     for label in sorted(set(labels[scored])):
@@ -159,6 +163,9 @@ def evaluate_collection(session: Session, name: str, *, recall_k: int = 10, reca
 
     sample = np.linspace(0, len(ids) - 1, num=min(recall_queries, len(ids)), dtype=int) if ids else np.array([], int)
     queries = index.vectors[sample]
+    views = session.vectors.views(name)
+    if views is not None:  # a multivector collection: each query sends all its views
+        queries = queries.reshape(len(queries), views, -1)
     k = min(recall_k, len(ids) - 1)
     exact = index.search(queries, k + 1)[1] if k > 0 and len(sample) else []
     faiss_latency = _latency(lambda v: index.search(v[None], recall_k), queries[:latency_queries])
@@ -171,7 +178,7 @@ def evaluate_collection(session: Session, name: str, *, recall_k: int = 10, reca
     info = session.vectors.index_info(name)
     latency_ms = {"qdrant": {p: sweep[0][p] for p in ("p50", "p95", "p99") if p in sweep[0]}, "faiss": faiss_latency}
     deduplicated = None
-    if exclude_duplicates is not None:
+    if exclude_duplicates is not None and views is None:  # near duplicates are defined by one vector's cosine
         from .dedup import near_pairs
 
         dedup = ranking_metrics(index.vectors, labels, exclude_above=exclude_duplicates)
@@ -208,14 +215,17 @@ def _recall(session: Session, name: str, index, sample: np.ndarray, queries: np.
     answers = []
     for lo in range(0, len(queries), CHUNK):
         answers += session.vectors.search(name, queries[lo:lo + CHUNK], k + 1, params=params)
+    def exact_score(q: int, pid: str) -> float:
+        return float(scores(queries[q:q + 1], index.vectors[[index.row(pid)]], index.views)[0, 0])
+
     recalls = []
     for q, (row, q_hits, f_ids) in enumerate(zip(sample, answers, exact)):
         own = index.ids[row]
         f_top = [i for i in f_ids if i != own][:k]
-        kth_score = float(index.vectors[index.row(f_top[-1])] @ queries[q])
+        kth_score = exact_score(q, f_top[-1])
         good = [h.id for h in q_hits if h.id != own][:k]
         recalls.append(sum(1 for pid in good if pid in f_top or (index.row(pid) is not None and
-                           float(index.vectors[index.row(pid)] @ queries[q]) >= kth_score - TIE_EPS)) / k)
+                           exact_score(q, pid) >= kth_score - TIE_EPS)) / k)
     return float(np.mean(recalls))
 
 
@@ -354,10 +364,12 @@ def rotation_robustness(session: Session, names: list[str], *, objects: int, see
             queried = [pid for pid in per_view if pid in row_of]
             rows = np.array([row_of[pid] for pid in queried], dtype=int)
             pool_name = session.fingerprint(name).pool
-            rotated = np.array([pool(pool_name, per_view[pid][None]).cpu().numpy()[0] for pid in queried])
+            # one query at a time: a multivector query holds the views that showed the rotated object
+            rotated = [pool(pool_name, per_view[pid][None]).cpu().numpy() for pid in queried]
             figures = {}
-            for kind, vectors in (("rotated", rotated.reshape(len(rows), -1)), ("unrotated", index.vectors[rows])):
-                sims = vectors @ index.vectors.T
+            for kind, vectors in (("rotated", rotated), ("unrotated", [index.vectors[[r]] for r in rows])):
+                sims = np.concatenate([scores(v, index.vectors, index.views) for v in vectors]) if len(rows) \
+                    else np.zeros((0, len(index)), np.float32)
                 sims[np.arange(len(rows)), rows] = -np.inf  # never its own stored point
                 m = score_queries(sims, labels[rows], labels)
                 figures[kind] = {"p@5": _mean(m["precision"][5]), "nn": _mean(m["nn"]), "map": _mean(m["ap"])}

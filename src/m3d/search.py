@@ -7,7 +7,9 @@
 - text: a sentence through the encoder's text tower (CLIP), whose projected embeds share the image
   embeds' space; only collections whose encoder family has one can answer.
 
-The vector then goes to Qdrant, or FAISS with ``exact``.
+The vector then goes to Qdrant, or FAISS with ``exact``. A views collection (one multivector per
+object) gets every view of a mesh, the one view of a picture, or the sentence as one vector, and
+ranks by MaxSim: the score is the mean over the query's vectors of its best-matching stored view.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .connector import Hit, SearchSettings
+from .maxsim import scores as scores_of
 from .errors import M3DError, MeshError, ModelLoadError, StoreError, UsageError
 from .meshio import Mesh, load_mesh
 from .orientation import DatasetUp, pose, stored_consensus
@@ -195,10 +198,11 @@ def choose_collection(session: Session, collection: str | None, kind: str = "mes
 def query_vector(session: Session, q: Query, fp: Fingerprint, *, checkpoint: Path | None = None,
                  device: str | None = None, dataset: DatasetUp | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """The unit query vector in the collection's space, and the views it came from (None for text);
-    a mesh is posed by the collection's rule (`dataset`: its up-axis consensus, for --up auto)."""
+    a mesh is posed by the collection's rule (`dataset`: its up-axis consensus, for --up auto). For a
+    views collection: (m, dim), one unit row per view shown (a text: one row)."""
     import torch
 
-    from .pooling import pool
+    from .pooling import MULTIVECTOR, pool
 
     if q.kind == "mesh":
         views = render_views(q.mesh, fp, dataset=dataset)  # before loading the encoder: a bad mesh fails fast
@@ -206,8 +210,8 @@ def query_vector(session: Session, q: Query, fp: Fingerprint, *, checkpoint: Pat
         views = image_view(q.image, fp.view.size)
     encoder = collection_encoder(session, fp, checkpoint=checkpoint, device=device)
     if q.kind == "text":
-        vector = torch.nn.functional.normalize(encoder.encode_text([q.text]).float(), dim=-1)
-        return vector.cpu().numpy()[0], None
+        vector = torch.nn.functional.normalize(encoder.encode_text([q.text]).float(), dim=-1).cpu().numpy()
+        return (vector if fp.pool in MULTIVECTOR else vector[0]), None
     per_view = encoder.encode(views)  # an image is one view: every pool of one view is that view
     return pool(fp.pool, per_view[None]).cpu().numpy()[0], views
 
@@ -247,7 +251,7 @@ def query(session: Session, mesh_path: Path | None = None, *, image: Path | None
     else:  # exact answer within one class: score every member, keep the best k
         members = [r.id for r in session.vectors.records(name, fields=["class"]) if r.payload.get("class") == label]
         member_rows = np.array([index.row(m) for m in members if index.row(m) is not None], dtype=int)
-        scores = index.vectors[member_rows] @ vector if len(member_rows) else np.zeros(0)
+        scores = scores_of(vector[None], index.vectors[member_rows], index.views)[0] if len(member_rows) else np.zeros(0)
         top = np.argsort(-scores, kind="stable")[:k]
         chosen = [index.ids[member_rows[t]] for t in top]
         records = {r.id: r.payload for r in session.vectors.retrieve(name, chosen)}

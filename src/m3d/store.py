@@ -27,12 +27,13 @@ SPOT_CHECK = 16
 
 
 def is_unit(vector: np.ndarray | None, tol: float = 1e-3) -> bool:
-    """Stored vectors are L2-normalised: a zero or non-finite one means damage, not data."""
-    if vector is None:
+    """Stored vectors are L2-normalised (each view of a multivector): a zero or non-finite one means
+    damage, not data."""
+    if vector is None or not np.size(vector):
         return False
     with np.errstate(over="ignore", invalid="ignore"):  # garbled floats: damage to count, not a warning to print
-        norm = float(np.linalg.norm(vector))
-    return np.isfinite(norm) and abs(norm - 1.0) <= tol
+        norms = np.linalg.norm(np.atleast_2d(vector), axis=-1)
+    return bool(np.all(np.isfinite(norms)) and np.all(np.abs(norms - 1.0) <= tol))
 
 
 @dataclass
@@ -71,7 +72,8 @@ class Session:
 
     # -- FAISS, kept in step with Qdrant ---------------------------------------------------
     def upsert(self, name: str, ids: list[str], vectors: np.ndarray, payloads: list[dict]) -> None:
-        """Write points to Qdrant and the same rows to the collection's FAISS index."""
+        """Write points to Qdrant and the same rows to the collection's FAISS index (a multivector
+        collection's (n, views, dim) as flat rows)."""
         index = self.exact(name)
         token = self._advance(name)
         self.vectors.upsert(name, ids, vectors, payloads)
@@ -147,7 +149,7 @@ class Session:
             return f"was made for collection {index.collection or '(unknown)'}"
         if current is None or index.generation != current:
             return "describes another generation of the collection (written since, or restored from elsewhere)"
-        if index.dim != self.vectors.dim(name) or len(index) != self.vectors.count(name):
+        if (index.dim, index.views) != self._row_shape(name) or len(index) != self.vectors.count(name):
             return "holds other rows than Qdrant"
         rows = {index.id_at(r): r for r in np.linspace(0, len(index) - 1, num=min(SPOT_CHECK, len(index)), dtype=int)}
         records = self.vectors.retrieve(name, list(rows), vectors=True) if rows else []
@@ -155,7 +157,7 @@ class Session:
             return "holds other ids than Qdrant"
         with np.errstate(over="ignore", invalid="ignore"):  # a garbled float is a difference, not a warning
             for rec in records:
-                if not np.allclose(index.vectors[rows[rec.id]], rec.vector, atol=1e-5, equal_nan=True):
+                if not np.allclose(index.vectors[rows[rec.id]], rec.vector.ravel(), atol=1e-5, equal_nan=True):
                     return "holds other vectors than Qdrant"
         return None
 
@@ -170,9 +172,9 @@ class Session:
         if token is None and must_save:
             token = self._advance(name)
         index = None
+        dim, views = self._row_shape(name)
         try:
-            index = self._fill(name, ExactIndex.build(self.exact_dir, name, self.vectors.dim(name),
-                                                      self.vectors.physical(name)))
+            index = self._fill(name, ExactIndex.build(self.exact_dir, name, dim, self.vectors.physical(name), views))
             index.commit(token)
             index.move_to(self.exact_dir, name)
         except OSError as exc:
@@ -186,12 +188,17 @@ class Session:
                     raise StoreError(f"FAISS index of {name} not saved ({why})") from None
                 raise
             log.warning("FAISS index of %s not saved (%s): it answers from a temporary file for this command", name, why)
-            index = self._fill(name, ExactIndex([], np.zeros((0, self.vectors.dim(name)), np.float32),
-                                                collection=self.vectors.physical(name)))
+            index = self._fill(name, ExactIndex([], np.zeros((0, dim), np.float32),
+                                                collection=self.vectors.physical(name), views=views))
         index.generation = token
         self._exact[name] = index
         log.info("faiss index of %s holds %d points", name, len(index))
         return index
+
+    def _row_shape(self, name: str) -> tuple[int, int]:
+        """(dims, views) of a collection's FAISS rows: a multivector point is one row of views x dim."""
+        views = self.vectors.views(name) or 1
+        return self.vectors.dim(name) * views, views
 
     def _fill(self, name: str, index: ExactIndex) -> ExactIndex:
         """Every vector of the collection into an empty index, one scroll page at a time."""

@@ -145,9 +145,12 @@ class VectorStore(Protocol):
 
     def collections(self) -> list[str]: ...
 
-    def ensure_collection(self, name: str, dim: int, settings: IndexSettings = IndexSettings()) -> None:
+    def ensure_collection(self, name: str, dim: int, settings: IndexSettings = IndexSettings(),
+                          views: int | None = None) -> None:
         """Create (cosine, keyword indexes on class/split/dataset before any point, index settings)
-        unless it exists with this dim; an existing one with other asked-for settings is refused."""
+        unless it exists with this dim; an existing one with other asked-for settings is refused.
+        views: a multivector collection (Qdrant's MaxSim comparator) whose points hold that many
+        vectors of dim each; None: one plain vector per point."""
 
     def index_info(self, name: str) -> IndexInfo: ...
 
@@ -167,9 +170,14 @@ class VectorStore(Protocol):
     def publish(self, name: str, version: str) -> None:
         """Make `name` read from the complete `version` at once, then drop the version it read before."""
 
-    def dim(self, name: str) -> int: ...
+    def dim(self, name: str) -> int:
+        """Dimensions of one vector (of one view, in a multivector collection)."""
 
-    def upsert(self, name: str, ids: list[str], vectors: np.ndarray, payloads: list[dict]) -> None: ...
+    def views(self, name: str) -> int | None:
+        """Vectors per point of a multivector collection; None for plain vectors."""
+
+    def upsert(self, name: str, ids: list[str], vectors: np.ndarray, payloads: list[dict]) -> None:
+        """vectors: (n, dim), or (n, views, dim) in a multivector collection."""
 
     def delete(self, name: str, ids: list[str]) -> None: ...
 
@@ -182,7 +190,8 @@ class VectorStore(Protocol):
     def count(self, name: str) -> int: ...
 
     def records(self, name: str, *, fields: list[str] | None = None, vectors: bool = False) -> Iterator[Record]:
-        """Every point (payload restricted to `fields` when given), in pages."""
+        """Every point (payload restricted to `fields` when given), in pages; a multivector point's
+        vector is its (views, dim) matrix."""
 
     def retrieve(self, name: str, ids: list[str], *, vectors: bool = False) -> list[Record]:
         """The points of these ids that exist, in the order asked."""
@@ -195,7 +204,8 @@ class VectorStore(Protocol):
 
     def search(self, name: str, queries: np.ndarray, k: int, *, label: str | None = None,
                params: SearchSettings = SearchSettings()) -> list[list[Hit]]:
-        """k nearest points for each query row (cosine), optionally only of one class."""
+        """k nearest points for each query row (cosine), optionally only of one class. Queries of a
+        multivector collection are (q, m, dim): scored by MaxSim, shown divided by m (multi_score)."""
 
     def facet(self, name: str, key: str) -> dict[str, int]:
         """Value -> count of a keyword payload field."""
@@ -213,6 +223,17 @@ class VectorStore(Protocol):
         """Move a collection whose points cannot be read out of the store (a sync then rebuilds it)."""
 
     def close(self) -> None: ...
+
+
+def shape_text(dim: int, views: int | None) -> str:
+    """A collection's vectors in words: `512-d`, or `12 x 1764-d` for a multivector collection."""
+    return f"{dim}-d" if views is None else f"{views} x {dim}-d"
+
+
+def multi_score(score: float, queries: np.ndarray) -> float:
+    """Qdrant's MaxSim score is a sum over the query's vectors: shown as their mean (in [-1, 1], like a
+    cosine), so one threshold reads the same for a one-view image query and a twelve-view mesh."""
+    return score / queries.shape[1] if queries.ndim == 3 else score
 
 
 def open_store(store_dir: Path, *, url: str | None = None, api_key: str | None = None,

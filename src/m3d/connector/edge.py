@@ -1,7 +1,7 @@
 """Embedded Qdrant: qdrant-edge (Qdrant's Rust engine in process), one shard directory per collection.
 
-Layout under the root: `<collection>/m3d.json` (dim, index settings and generation token, written
-first) and `<collection>/shard/` (the engine's segments and WAL); `aliases.json` names the version
+Layout under the root: `<collection>/m3d.json` (dim, views of a multivector collection, index settings
+and generation token, written first) and `<collection>/shard/` (the engine's segments and WAL); `aliases.json` names the version
 directory (`<collection>--v<N>`) a collection reads from after a zero-downtime rebuild. qdrant-edge has
 no background optimiser: segments stay brute-force searched until `optimize()` builds their HNSW graph
 (m3d calls it at the end of a sync).
@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import StoreBusyError, StoreError, no_space
 from ..schemas import INDEXED_KEYWORDS
-from . import PAGE, VECTOR_PAGE, VERSION, Hit, IndexInfo, IndexSettings, Record, SearchSettings
+from . import PAGE, VECTOR_PAGE, VERSION, Hit, IndexInfo, IndexSettings, Record, SearchSettings, multi_score, shape_text
 
 #: Room every write leaves free. The engine grows its files in 32 MB memory-mapped chunks, and a page
 #: the disk cannot hold kills the process with SIGBUS (nothing to catch, nothing printed): refuse first.
@@ -216,12 +216,13 @@ class EdgeStore:
 
     def _shard_dim(self, name: str) -> int | None:
         """The dimension the engine itself recorded when it created the shard (None when unreadable)."""
-        config = self._shard_config(name)
+        config = self._shard_config(name, count_views=False)
         return config["dim"] if config else None
 
-    def _shard_config(self, name: str) -> dict | None:
+    def _shard_config(self, name: str, *, count_views: bool = True) -> dict | None:
         """m3d.json as the shard's own settings (edge_config.json) tell it, with a new generation (no
-        FAISS file describes what is restored this way), or None when they cannot be read."""
+        FAISS file describes what is restored this way), or None when they cannot be read. A
+        multivector shard's views per point are read from one of its points (count_views)."""
         try:
             config = json.loads((self.root / self.physical(name) / "shard" / "edge_config.json").read_text())
             vectors, hnsw = config["vectors"][""], config.get("hnsw_config") or {}
@@ -229,12 +230,33 @@ class EdgeStore:
             quantization = config.get("quantization_config") or {}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
+        views = self._shard_views(name) if count_views and vectors.get("multivector_config") else None
         index = {"hnsw_m": hnsw.get("m"), "hnsw_ef_construct": hnsw.get("ef_construct"),
                  "on_disk": bool(vectors.get("on_disk")), "quantization": "int8" if "scalar" in quantization
                  else "binary" if "binary" in quantization else "none",
-                 "index_threshold": _threshold_points(kb, dim)}
-        return {"dim": dim, "distance": "cosine", "index": {k: v for k, v in index.items() if v is not None},
-                "generation": uuid.uuid4().hex}
+                 "index_threshold": _threshold_points(kb, dim * (views or 1))}
+        return {"dim": dim, **({} if views is None else {"views": views}), "distance": "cosine",
+                "index": {k: v for k, v in index.items() if v is not None}, "generation": uuid.uuid4().hex}
+
+    def views(self, name: str) -> int | None:
+        return self._meta(name).get("views")
+
+    def _shard_views(self, name: str) -> int | None:
+        """A multivector shard's views per point, read from one of its points (the engine records only
+        that it holds multivectors); None for an empty or unreadable shard."""
+        try:
+            q = _engine()
+            shard = self._shards.get(self.physical(name))
+            own = shard is None  # m3d.json is unreadable, so _shard() cannot open it: open it here
+            shard = shard or q.EdgeShard.load(str(self.root / self.physical(name) / "shard"))
+            try:
+                page, _ = shard.scroll(q.ScrollRequest(limit=1, with_payload=False, with_vector=True))
+            finally:
+                if own:
+                    shard.close()
+        except Exception:  # unreadable config or shard (the engine raises bare Exception): unknown
+            return None
+        return len(_as_array(page[0].vector)) if page else None
 
     def _meta(self, name: str) -> dict:
         """m3d.json, after dim() has checked it (so damage is named the same way everywhere)."""
@@ -268,18 +290,21 @@ class EdgeStore:
     def set_generation(self, name: str, token: str) -> None:
         self._write_meta(name, {**self._meta(name), "generation": token})
 
-    def ensure_collection(self, name: str, dim: int, settings: IndexSettings = IndexSettings()) -> None:
+    def ensure_collection(self, name: str, dim: int, settings: IndexSettings = IndexSettings(),
+                          views: int | None = None) -> None:
         settings.check_backend(server=False)
         if self._meta_path(name).exists() or self._restore_meta(name):
-            if self.dim(name) != dim:
-                raise StoreError(f"collection {name} holds {self.dim(name)}-d vectors, not {dim}-d")
+            if self.dim(name) != dim or self.views(name) != views:
+                raise StoreError(f"collection {name} holds {shape_text(self.dim(name), self.views(name))} vectors, "
+                                 f"not {shape_text(dim, views)}")
             differences = settings.differences(self.settings(name))
             if differences:
                 raise StoreError(f"collection {name} was created with other index settings "
                                  f"({'; '.join(differences)}); run again with --rebuild to re-create it")
         else:
             self.require_space()
-            self._write_meta(name, {"dim": dim, "distance": "cosine", "index": settings.resolved().to_dict()})
+            multi = {} if views is None else {"views": views}
+            self._write_meta(name, {"dim": dim, **multi, "distance": "cosine", "index": settings.resolved().to_dict()})
         self._index_payload(name)  # before any point; also brings back indexes lost with a segments/ directory
 
     def settings(self, name: str) -> IndexSettings:
@@ -373,7 +398,7 @@ class EdgeStore:
                     shard = q.EdgeShard.load(str(openable))
             else:
                 self.require_space()  # a shard is created for writing: refused before anything exists
-                config = _config(q, dim, self.settings(name))
+                config = _config(q, dim, self.settings(name), self.views(name))
                 with _quiet_engine():
                     shard = q.EdgeShard.create(str(path), config)
         except BaseException as exc:  # the engine raises bare Exception, or panics
@@ -415,7 +440,8 @@ class EdgeStore:
     # -- points ------------------------------------------------------------------------------
     def upsert(self, name: str, ids: list[str], vectors: np.ndarray, payloads: list[dict]) -> None:
         q = _engine()
-        self.require_space(2 * len(ids) * (vectors.shape[1] * 4 + POINT_OVERHEAD))  # segment + WAL
+        vectors = np.asarray(vectors, dtype=np.float32)
+        self.require_space(2 * (vectors.nbytes + len(ids) * POINT_OVERHEAD))  # segment + WAL
         points = [q.Point(pid, vec, payload) for pid, vec, payload in zip(ids, vectors.tolist(), payloads)]
         self._update(name, q.UpdateOperation.upsert_points(points))
 
@@ -461,12 +487,14 @@ class EdgeStore:
             flt = q.Filter(must=[q.FieldCondition(key="class", match=q.MatchValue(label))])
         search_params = q.SearchParams(hnsw_ef=params.hnsw_ef, quantization=q.QuantizationSearchParams(
             rescore=params.rescore, oversampling=params.oversampling))
+        queries = np.asarray(queries, dtype=np.float32)
         requests = [
             q.QueryRequest(limit=k, query=q.Query.Nearest(vec), with_payload=True, filter=flt, params=search_params)
-            for vec in np.asarray(queries, dtype=np.float32).tolist()
+            for vec in queries.tolist()
         ]
         answers = self._run(name, lambda shard: shard.query_batch(q.QueryBatchRequest(requests)))
-        return [[Hit(str(p.id), float(p.score), p.payload or {}) for p in points] for points in answers]
+        return [[Hit(str(p.id), multi_score(float(p.score), queries), p.payload or {}) for p in points]
+                for points in answers]
 
     def facet(self, name: str, key: str) -> dict[str, int]:
         q = _engine()
@@ -583,16 +611,19 @@ def _threshold_points(kb: int, dim: int) -> int | None:
     return 0 if kb == 1 else (kb - 1) * 1024 // (4 * dim) + 1
 
 
-def _config(q, dim: int, settings: IndexSettings):
-    """The shard's configuration from m3d's settings (the engine's thresholds are in KB of vectors)."""
-    kb = settings.threshold_kb(dim)
+def _config(q, dim: int, settings: IndexSettings, views: int | None = None):
+    """The shard's configuration from m3d's settings (the engine's thresholds are in KB of vectors);
+    a multivector collection (views per point) compares its points by MaxSim."""
+    kb = settings.threshold_kb(dim * (views or 1))
     quantization = {
         "none": None,
         "int8": lambda: q.ScalarQuantizationConfig(type=q.ScalarType.Int8, quantile=0.99, always_ram=True),
         "binary": lambda: q.BinaryQuantizationConfig(always_ram=True),
     }[settings.quantization]
     return q.EdgeConfig(
-        vectors=q.EdgeVectorParams(size=dim, distance=q.Distance.Cosine, on_disk=settings.on_disk),
+        vectors=q.EdgeVectorParams(size=dim, distance=q.Distance.Cosine, on_disk=settings.on_disk,
+                                   multivector_config=q.MultiVectorConfig(comparator=q.MultiVectorComparator.MaxSim)
+                                   if views is not None else None),
         hnsw_config=q.HnswIndexConfig(m=settings.hnsw_m, ef_construct=settings.hnsw_ef_construct,
                                       full_scan_threshold=kb),
         quantization_config=quantization() if quantization else None,

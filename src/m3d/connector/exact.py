@@ -9,8 +9,10 @@ see store.Session): an index whose collection or generation differs from what Qd
 answers. The first change after a commit clears the generation on disk (fsynced) before any row
 moves, so a crash half-way leaves a file that is never trusted, never mixed rows that pass as current.
 
-Layout (format 3): a 4 KiB header (magic + JSON: dim, rows, capacity, collection, generation), then
-`capacity` ids (ASCII, 36 bytes), then `capacity` float32 rows. Capacity doubles by a streamed copy.
+Layout (format 3): a 4 KiB header (magic + JSON: dim, rows, capacity, collection, generation, views),
+then `capacity` ids (ASCII, 36 bytes), then `capacity` float32 rows. Capacity doubles by a streamed copy.
+A multivector collection's row is its object's `views` unit vectors side by side (views x D dims,
+searched by MaxSim, see m3d.maxsim); a header without views (older files) holds plain vectors.
 """
 
 from __future__ import annotations
@@ -65,15 +67,17 @@ class ExactIndex:
     """Unit rows with their point ids in one file; search is FAISS's exact inner-product k-NN."""
 
     def __init__(self, ids: list[str], vectors: np.ndarray, *, collection: str = "", generation: str | None = None,
-                 path: Path | None = None):
+                 path: Path | None = None, views: int = 1):
         """An index holding these rows: in a file at path (committed when generation is given), or in
-        an anonymous temporary file (benchmarks, tests, a reader that cannot write the store)."""
+        an anonymous temporary file (benchmarks, tests, a reader that cannot write the store).
+        views > 1: each row is a multivector of that many views (vectors may come as (n, views, D))."""
         vectors = np.asarray(vectors, dtype=np.float32)
+        vectors = vectors.reshape(len(vectors), -1) if vectors.ndim == 3 else vectors
         if vectors.ndim != 2 or len(vectors) != len(ids):
             raise ValueError("one vector row per id")
         handle = open(path, "w+b") if path is not None else tempfile.TemporaryFile()
         self._open(handle, path, {"dim": vectors.shape[1], "n": 0, "capacity": max(16, len(ids)),
-                                  "collection": collection, "generation": None})
+                                  "collection": collection, "generation": None, "views": views})
         os.ftruncate(self._fd, self._row_offset(self._capacity))
         self._begin_change()
         self.upsert(list(ids), vectors)
@@ -87,6 +91,9 @@ class ExactIndex:
         self._dim, self._n, self._capacity = int(header["dim"]), int(header["n"]), int(header["capacity"])
         self.collection: str = header["collection"]
         self.generation: str | None = header["generation"] or None
+        self.views = int(header.get("views", 1))  # vectors per row: > 1 for a multivector collection
+        if self.views < 1 or self._dim % self.views:
+            raise ValueError(f"{self._dim} dims do not split into {self.views} views")
         self._dirty = False  # rows changed since the last commit (the file's generation is cleared)
         self._lookup: dict[str, int | None] = {}  # id -> row (None: removed) since the sorted snapshot
         self._keys: np.ndarray | None = None  # sorted ids and their rows: the lookup for unchanged ids
@@ -124,8 +131,10 @@ class ExactIndex:
 
     # -- keeping in step ---------------------------------------------------------------------
     def upsert(self, ids: list[str], vectors: np.ndarray) -> None:
-        """Replace the rows of known ids, append the others (what a Qdrant upsert does)."""
+        """Replace the rows of known ids, append the others (what a Qdrant upsert does); multivectors
+        may come as (n, views, D)."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        vectors = vectors.reshape(len(vectors), -1) if vectors.ndim == 3 else vectors
         if len(ids) != len(vectors) or (len(ids) and vectors.shape[1] != self._dim):
             raise ValueError(f"expected {len(ids)} rows of {self._dim} dims")
         if not ids:
@@ -232,12 +241,18 @@ class ExactIndex:
 
     # -- search ------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
-        """Scores (q, k) and ids of the k nearest rows for every query (fewer when the index is small)."""
+        """Scores (q, k) and ids of the k nearest rows for every query (fewer when the index is small).
+        A multivector index takes (q, m, D) queries (or flat rows of m x D) and ranks by exact MaxSim."""
+        from ..maxsim import knn as maxsim_knn
+
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         k = min(k, self._n)
         if k == 0:
             return np.zeros((len(queries), 0), np.float32), [[] for _ in queries]
-        scores, rows = knn(queries, self.vectors, k)
+        if self.views > 1 or queries.ndim == 3:
+            scores, rows = maxsim_knn(queries, self.vectors, k, self.views)
+        else:
+            scores, rows = knn(queries, self.vectors, k)
         return scores, [[self.id_at(r) for r in row if r >= 0] for row in rows]
 
     # -- files -------------------------------------------------------------------------------
@@ -279,11 +294,12 @@ class ExactIndex:
             return None, str(exc) if isinstance(exc, _Unusable) else f"has a garbled header ({type(exc).__name__})"
 
     @classmethod
-    def build(cls, directory: Path, name: str, dim: int, collection: str) -> "ExactIndex":
+    def build(cls, directory: Path, name: str, dim: int, collection: str, views: int = 1) -> "ExactIndex":
         """An empty index in a new file beside the saved one; `move_to` puts it in its place."""
         path = path_of(directory, name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return cls([], np.zeros((0, dim), np.float32), collection=collection, path=path.with_name(path.name + ".tmp"))
+        return cls([], np.zeros((0, dim), np.float32), collection=collection, path=path.with_name(path.name + ".tmp"),
+                   views=views)
 
     def move_to(self, directory: Path, name: str) -> None:
         """Replace the index saved under name by this one's file, atomically (the file stays open)."""
@@ -322,7 +338,7 @@ class ExactIndex:
     def _header(self, capacity: int) -> bytes:
         generation = "" if self._dirty else self.generation or ""  # rows in motion describe no generation
         meta = json.dumps({"format": FORMAT, "dim": self._dim, "n": self._n, "capacity": capacity,
-                           "collection": self.collection, "generation": generation}).encode()
+                           "collection": self.collection, "generation": generation, "views": self.views}).encode()
         if len(MAGIC) + len(meta) > HEADER:
             raise ValueError("collection name too long for the FAISS header")
         return (MAGIC + meta).ljust(HEADER, b" ")

@@ -19,13 +19,14 @@ import numpy as np
 
 from ..errors import StoreError, UsageError
 from ..schemas import INDEXED_KEYWORDS
-from . import PAGE, VECTOR_PAGE, VERSION, Hit, IndexInfo, IndexSettings, Record, SearchSettings
+from . import PAGE, VECTOR_PAGE, VERSION, Hit, IndexInfo, IndexSettings, Record, SearchSettings, multi_score, shape_text
 
 T = TypeVar("T")
 RETRIES = 3
 BACKOFF_S = 0.5
 GENERATION_KEY = "m3d_generation"
 SETTINGS_KEY = "m3d_index"
+VIEWS_KEY = "m3d_views"  # vectors per point of a multivector collection
 TIMEOUT_S = 10  # connect and read, per call
 
 log = logging.getLogger("m3d")
@@ -154,19 +155,25 @@ class ServerStore:
         info = self._call(f"read collection {name}", lambda: self.client.get_collection(name))
         return int(info.config.params.vectors.size)
 
-    def ensure_collection(self, name: str, dim: int, settings: IndexSettings = IndexSettings()) -> None:
+    def views(self, name: str) -> int | None:
+        return self._metadata(name).get(VIEWS_KEY)
+
+    def ensure_collection(self, name: str, dim: int, settings: IndexSettings = IndexSettings(),
+                          views: int | None = None) -> None:
         from qdrant_client import models
 
         if name in self._physical_names() | set(self._aliases()):
-            if self.dim(name) != dim:
-                raise StoreError(f"collection {name} holds {self.dim(name)}-d vectors, not {dim}-d")
+            if self.dim(name) != dim or self.views(name) != views:
+                raise StoreError(f"collection {name} holds {shape_text(self.dim(name), self.views(name))} vectors, "
+                                 f"not {shape_text(dim, views)}")
             differences = settings.differences(self.settings(name))
             if differences:
                 raise StoreError(f"collection {name} was created with other index settings "
                                  f"({'; '.join(differences)}); run again with --rebuild to re-create it")
             return
         s = settings.resolved()
-        kb = s.threshold_kb(dim)
+        kb = s.threshold_kb(dim * (views or 1))
+        multi = None if views is None else models.MultiVectorConfig(comparator=models.MultiVectorComparator.MAX_SIM)
         quantization = {
             "none": None,
             "int8": lambda: models.ScalarQuantization(scalar=models.ScalarQuantizationConfig(
@@ -177,13 +184,14 @@ class ServerStore:
             f"create collection {name}",
             lambda: self.client.create_collection(
                 name,
-                vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE, on_disk=s.on_disk),
+                vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE, on_disk=s.on_disk,
+                                                   multivector_config=multi),
                 hnsw_config=models.HnswConfigDiff(m=s.hnsw_m, ef_construct=s.hnsw_ef_construct, full_scan_threshold=kb),
                 optimizers_config=models.OptimizersConfigDiff(indexing_threshold=kb),
                 quantization_config=quantization() if quantization else None,
                 shard_number=s.shards, replication_factor=s.replication_factor,
                 write_consistency_factor=s.write_consistency,
-                metadata={SETTINGS_KEY: s.to_dict()},
+                metadata={SETTINGS_KEY: s.to_dict(), **({} if views is None else {VIEWS_KEY: views})},
             ),
         )
         for key in INDEXED_KEYWORDS:  # before the first point: the HNSW graph then gets its filter links
@@ -283,12 +291,14 @@ class ServerStore:
             flt = models.Filter(must=[models.FieldCondition(key="class", match=models.MatchValue(value=label))])
         search_params = models.SearchParams(hnsw_ef=params.hnsw_ef, quantization=models.QuantizationSearchParams(
             rescore=params.rescore, oversampling=params.oversampling))
+        queries = np.asarray(queries, np.float32)
         requests = [
             models.QueryRequest(query=vec, limit=k, filter=flt, with_payload=True, params=search_params)
-            for vec in np.asarray(queries, np.float32).tolist()
+            for vec in queries.tolist()
         ]
         answers = self._call(f"search {name}", lambda: self.client.query_batch_points(name, requests=requests))
-        return [[Hit(str(p.id), float(p.score), p.payload or {}) for p in a.points] for a in answers]
+        return [[Hit(str(p.id), multi_score(float(p.score), queries), p.payload or {}) for p in a.points]
+                for a in answers]
 
     def facet(self, name: str, key: str) -> dict[str, int]:
         response = self._call(f"facet {name}", lambda: self.client.facet(name, key, limit=100_000, exact=True))

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..connector import IndexSettings
+from ..connector import IndexSettings, shape_text
 from ..dataset import MeshFile, content_hash, file_stamp
 from ..errors import StoreError
 from ..orientation import EVIDENCE_MODEL, Decision, dataset_up, measure_files, valid_evidence
@@ -74,6 +74,13 @@ class Target:
     pool: str
     fingerprint: Fingerprint
 
+    @property
+    def views(self) -> int | None:
+        """Vectors per point: the views of a multivector pool's collection, None for one pooled vector."""
+        from ..pooling import MULTIVECTOR
+
+        return self.fingerprint.view.views if self.pool in MULTIVECTOR else None
+
 
 @dataclass
 class Plan:
@@ -124,12 +131,13 @@ def prepare_collections(session: Session, targets: dict[str, Target], rebuild: b
         encoder, fp = target.encoder, target.fingerprint
         if name in existing:
             stored = session.fingerprint(name)
-            dim_differs = session.vectors.dim(name) != encoder.dim
+            held = (session.vectors.dim(name), session.vectors.views(name))
+            dim_differs = held != (encoder.dim, target.views)
             index_differs = index.differences(session.vectors.index_info(name).settings)
             if (stored is not None and stored != fp) or dim_differs or index_differs:
                 if not rebuild:
-                    diff = "; ".join(fp.differences(stored) if stored and stored != fp else
-                                     index_differs or [f"dim {session.vectors.dim(name)} -> {encoder.dim}"])
+                    diff = "; ".join(fp.differences(stored) if stored and stored != fp else index_differs or
+                                     [f"vectors {shape_text(*held)} -> {shape_text(encoder.dim, target.views)}"])
                     hint = (f"pass --precision {stored.precision} to add to it as it was built, or "
                             if stored is not None and stored.precision != fp.precision else "")
                     raise StoreError(f"collection {name} was built with other settings ({diff}); "
@@ -138,7 +146,7 @@ def prepare_collections(session: Session, targets: dict[str, Target], rebuild: b
                 log.info("rebuilding %s as %s; readers keep the current one until it is complete", name,
                          versions[name])
         where = versions.get(name, name)
-        session.vectors.ensure_collection(where, encoder.dim, index)
+        session.vectors.ensure_collection(where, encoder.dim, index, views=target.views)
         known[name] = {}
         current = fp.to_payload()
         for rec in session.vectors.records(where, fields=SYNC_FIELDS, vectors=True):  # streamed, page by page

@@ -132,7 +132,7 @@ class Points:
 
     collection: str
     ids: list[str]
-    vectors: np.ndarray  # (n, dim) float32, unit rows
+    vectors: np.ndarray  # (n, dim) float32, unit rows; (n, views, dim) for a multivector pool
     payloads: list[dict]
 
 
@@ -141,7 +141,7 @@ def embed(batch: list[Rendered], encoders: dict[str, tuple[Any, list[Target]]]) 
     pool. `encoders` is plan.group_by_encoder(targets): encoder name -> (encoder, its targets)."""
     import torch
 
-    from ..pooling import pool
+    from ..pooling import MULTIVECTOR, pool
 
     out = []
     for enc_name, (encoder, targets) in encoders.items():
@@ -157,10 +157,11 @@ def embed(batch: list[Rendered], encoders: dict[str, tuple[Any, list[Target]]]) 
         for i, count in enumerate(counts):
             groups.setdefault(count, []).append(i)
         for target in targets:
-            vectors = np.empty((len(members), flat.shape[1]), dtype=np.float32)
+            slots = target.fingerprint.view.views if target.pool in MULTIVECTOR else None
+            vectors = np.empty((len(members), *([slots] if slots else []), flat.shape[1]), dtype=np.float32)
             for count, rows in groups.items():
                 per_view = torch.stack([flat[starts[i]:starts[i] + count] for i in rows])
-                vectors[rows] = pool(target.pool, per_view).cpu().numpy()
+                vectors[rows] = pool(target.pool, per_view, slots).cpu().numpy()
             payloads = [
                 object_payload(rel_path=b.file.rel_path, label=b.file.label, split=b.file.split, dataset=b.file.dataset,
                                content_hash=b.content_hash, stamp=b.stamp,
