@@ -22,7 +22,7 @@ from m3d.store import open_session
 from helpers import make_tree
 
 CLASSES = {"Airplane": 3, "Chair": 3, "Cup": 3}
-ARGS = dict(encoders=("hog",), pools=("mean", "attn"), batch_size=16)
+ARGS = dict(encoders=("hog",), pools=("mean", "attn", "views"), batch_size=16)
 LOCAL = SyncOptions(**ARGS, workers=0)
 RAY = SyncOptions(**ARGS, workers=2, engine="ray")
 POISON = "Cup/train/22.off"
@@ -60,7 +60,7 @@ def _points(store_dir) -> dict:
 
 
 def _assert_same(got: dict, want: dict, without: set[str] = frozenset()) -> None:
-    assert got.keys() == want.keys() == {"m3d_hog_mean", "m3d_hog_attn"}
+    assert got.keys() == want.keys() == {"m3d_hog_mean", "m3d_hog_attn", "m3d_hog_views"}
     for name, points in want.items():
         kept = {pid: point for pid, point in points.items() if point[0]["path"] not in without}
         assert got[name].keys() == kept.keys()
@@ -149,7 +149,7 @@ def test_engine_options_are_checked_before_anything_runs(tree, tmp_path):
 def test_neural_checkpoints_give_the_same_vectors_on_ray(ray_cluster, tree, ckpts, tmp_path):
     """Tiny random CLIP and DINOv2 checkpoints loaded by the encode actor from their directories: the
     same collections and vectors as the local engine, whatever the batches held."""
-    neural = dict(encoders=(str(ckpts["clip"]), str(ckpts["dinov2"])), pools=("mean",), precision="fp32",
+    neural = dict(encoders=(str(ckpts["clip"]), str(ckpts["dinov2"])), pools=("mean", "views"), precision="fp32",
                   batch_size=24)
     stores = {}
     for engine, workers in (("local", 0), ("ray", 2)):
@@ -157,7 +157,7 @@ def test_neural_checkpoints_give_the_same_vectors_on_ray(ray_cluster, tree, ckpt
         with open_session(stores[engine]) as session:
             sync(session, tree, SyncOptions(**neural, workers=workers, engine=engine))
     want, got = _points(stores["local"]), _points(stores["ray"])
-    assert got.keys() == want.keys() and len(want) == 2
+    assert got.keys() == want.keys() and len(want) == 4
     for name in want:
         assert got[name].keys() == want[name].keys() and len(want[name]) == 9
         for pid, (payload, vector) in want[name].items():
