@@ -145,7 +145,7 @@ def evaluate_collection(session: Session, name: str, *, recall_k: int = 10, reca
                         search: tuple[SearchSettings, ...] = (SearchSettings(),)) -> CollectionEval:
     """Quality from the exact index; then Qdrant against FAISS for each search setting (an ef sweep)."""
     index = session.exact(name)
-    damaged = _damaged_rows(index.vectors)
+    damaged = _damaged_rows(index.vectors, index.views)
     if damaged:  # NaN or huge floats would rank as noise and leave FAISS answers empty
         raise StoreError(f"collection {name} holds {damaged} damaged vectors (not unit length): `m3d sync` embeds "
                          "them again (`m3d check` counts them)")
@@ -197,13 +197,15 @@ def evaluate_collection(session: Session, name: str, *, recall_k: int = 10, reca
     )
 
 
-def _damaged_rows(vectors: np.ndarray) -> int:
-    """Rows that are not unit vectors (stored vectors always are), counted a chunk at a time."""
+def _damaged_rows(vectors: np.ndarray, views: int = 1) -> int:
+    """Rows that are not unit vectors (stored vectors always are; a multivector row holds `views` unit
+    vectors), counted a chunk at a time."""
     bad = 0
     with np.errstate(over="ignore", invalid="ignore"):
         for lo in range(0, len(vectors), CHUNK):
-            norms = np.linalg.norm(vectors[lo:lo + CHUNK], axis=1)
-            bad += int((~(np.abs(norms - 1.0) <= 1e-3)).sum())
+            chunk = vectors[lo:lo + CHUNK]
+            norms = np.linalg.norm(chunk.reshape(len(chunk), views, -1), axis=2)
+            bad += int((~(np.abs(norms - 1.0) <= 1e-3)).any(axis=1).sum())
     return bad
 
 
