@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # rich is imported where it prints: `m3d --help` stays instan
     from rich.table import Table
     from rich.text import Text
 
-from .errors import M3DError, UsageError, no_space, one_line, printable
+from .errors import M3DError, StoreBusyError, UsageError, no_space, one_line, printable
 
 DEFAULT_DEDUP_THRESHOLD = 0.9995  # m3d.dedup.DEFAULT_THRESHOLD (not imported: `m3d --help` stays instant)
 
@@ -228,12 +228,23 @@ def sync(
         engine=engine, ray_address=ray_address,  # RAY_ADDRESS is read by ray.init itself, so a local sync ignores it
         index=index,
     )
-    with _session(store, qdrant_url, qdrant_api_key, create=True) as session, _progress(as_json) as progress:
-        report = run_sync(session, root, options, classes=_csv(classes), split=split, per_class=per_class,
-                          limit=limit, dataset=dataset, progress=progress)
-        report_path = session.reports_dir / "last-sync.json"
-        location = session.vectors.location
-        indexes = {name: session.vectors.index_info(name).state for name in report.collections}
+    selection = dict(classes=_csv(classes), split=split, per_class=per_class, limit=limit, dataset=dataset)
+    try:
+        session = _session(store, qdrant_url, qdrant_api_key, create=True)
+    except StoreBusyError:  # a running `m3d serve` holds the store: it runs the sync while it keeps answering
+        from .serve.handoff import find_server
+
+        server = find_server(store)
+        if server is None:
+            raise
+        report, indexes, location = _hand_off(server, root, options, selection, as_json)
+        report_path = store / "reports" / "last-sync.json"
+    else:
+        with session, _progress(as_json) as progress:
+            report = run_sync(session, root, options, progress=progress, **selection)
+            report_path = session.reports_dir / "last-sync.json"
+            location = session.vectors.location
+            indexes = {name: session.vectors.index_info(name).state for name in report.collections}
     if as_json:
         typer.echo(json.dumps(report.summary(), indent=2))
     else:
@@ -268,6 +279,25 @@ def sync(
             _print(f"  {name}: index {state}" + (f", built in {built:.1f} s" if built >= 0.05 else ""))
         _print(f"collections: {', '.join(s.collections)}\nstore: {location}\nreport: {report_path}")
     raise typer.Exit(report.exit_status)
+
+
+def _hand_off(server: dict, root: Path, options, selection: dict, quiet: bool):
+    """Run a sync on the server that holds the store, showing its progress here as a local one would."""
+    from .pipeline import StageStats, SyncReport
+    from .serve.handoff import hand_off, sync_request
+
+    if not quiet:
+        typer.echo(f"the store is served by m3d serve (pid {server['pid']}) at {server['url']}: the sync runs "
+                   "there while it keeps answering", err=True)
+    with _progress(quiet) as progress:
+        def follow(job: dict) -> None:
+            if progress and job.get("total"):
+                progress(job["done"], job["total"], SyncReport("", "", [], stages=StageStats(**job["stages"])))
+
+        job = hand_off(server, sync_request(root, options, selection), follow)
+    data = job["report"]
+    indexes = data.pop("indexes", {})
+    return SyncReport.from_dict(data), indexes, f"{server['url']} (m3d serve, pid {server['pid']})"
 
 
 class _progress:
@@ -544,6 +574,37 @@ def render(
     finally:
         engine.close()
     _print(f"wrote {output} ({views} views on a {layout}, {size}px, {renderer}, up: {placed.up} ({placed.source}))")
+
+
+@app.command()
+@friendly
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on: 127.0.0.1 is this machine only; 0.0.0.0 every interface (then set --token).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: any free one; serve.json in the store says which).")] = 8000,
+    token: Annotated[Optional[str], typer.Option(envvar="M3D_TOKEN", show_default=False, help="Require `Authorization: Bearer TOKEN` on every API call (never printed).")] = None,
+    max_upload_mb: Annotated[float, typer.Option(help="Refuse uploads larger than this (HTTP 413).")] = 64.0,
+    max_faces: Annotated[int, typer.Option(min=1, help="Refuse query meshes with more faces than this (as sync does).")] = 2_000_000,
+    cors_origin: Annotated[Optional[str], typer.Option(help="Let pages from these origins call the API (comma-separated, e.g. https://example.org). Default: none.")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="The checkpoint directory of a collection synced from a local checkpoint elsewhere.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cuda or cpu for the query encoders. Default: cuda when present.")] = None,
+    store: StoreOpt = DEFAULT_STORE,
+    qdrant_url: UrlOpt = None,
+    qdrant_api_key: KeyOpt = None,
+):
+    """A warm search service over the store: a JSON API (docs at /docs) and a search page. It holds the
+    store; `m3d sync` on the same store hands its sync to it, and searching goes on while it runs.
+
+    Example: m3d serve --store .m3d   (then open http://127.0.0.1:8000/)
+    """
+    from .serve import ServeOptions
+    from .serve.runner import serve as run_server
+
+    options = ServeOptions(host=host, port=port, token=token, max_upload_mb=max_upload_mb, max_faces=max_faces,
+                           cors_origins=tuple(_csv(cors_origin) or ()))
+    if options.warning():
+        typer.echo(options.warning(), err=True)
+    run_server(store, options, url=qdrant_url, api_key=qdrant_api_key, checkpoint=checkpoint, device=device,
+               say=lambda line: typer.echo(printable(line), err=True))
 
 
 @app.command()

@@ -38,6 +38,14 @@ class UsageError(M3DError):
     exit_code = 2
 
 
+class NotFoundError(UsageError):
+    """A collection or object asked for by name or id that is not there."""
+
+
+class TooLargeError(UsageError):
+    """An input over a configured size limit (an upload to `m3d serve`)."""
+
+
 class MeshError(M3DError):
     """A mesh file that cannot be read or used (malformed, empty, degenerate, too large)."""
 

@@ -66,10 +66,12 @@ def write_off(mesh: Mesh, path: Path) -> Path:
 
 
 def load_mesh(path: str | Path, *, max_faces: int = DEFAULT_MAX_FACES,
-              on_bytes: Callable[[bytes], object] | None = None) -> Mesh:
+              on_bytes: Callable[[bytes], object] | None = None, standalone: bool = False) -> Mesh:
     """Read, validate and normalise one mesh file; any problem raises a one-line MeshError.
     on_bytes, when given, sees the file's bytes if this reader read them whole (OFF), so a caller
-    can hash them without reading the file a second time."""
+    can hash them without reading the file a second time. standalone (an upload from someone else):
+    the file is read alone, never the files it names (an OBJ's mtllib, a glTF's buffers), which
+    could point anywhere on this machine."""
     try:
         p = Path(path)
         suffix = p.suffix.lower()
@@ -89,7 +91,7 @@ def load_mesh(path: str | Path, *, max_faces: int = DEFAULT_MAX_FACES,
             vertices, faces = _parse_off(data, max_faces)
         else:
             _precheck_face_count(p, suffix, size, max_faces)
-            vertices, faces = _load_with_trimesh(p, suffix, max_faces)
+            vertices, faces = _load_with_trimesh(p, suffix, max_faces, standalone)
         return _validate_and_normalise(vertices, faces, max_faces)
     except MeshError as exc:
         raise MeshError(one_line(str(exc), _MAX_MESSAGE)) from None
@@ -457,11 +459,14 @@ def _precheck_face_count(p: Path, suffix: str, size: int, max_faces: int) -> Non
         raise MeshError(f"{n_faces} faces exceed the limit max_faces={max_faces}")
 
 
-def _load_with_trimesh(p: Path, suffix: str, max_faces: int) -> tuple[np.ndarray, np.ndarray]:
+def _load_with_trimesh(p: Path, suffix: str, max_faces: int, standalone: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    import io
+
     import trimesh
 
-    try:
-        loaded = trimesh.load(str(p), file_type=suffix[1:], force="mesh", process=False)
+    try:  # bytes without a name give trimesh no folder to resolve other files from
+        source = io.BytesIO(_read_bytes(p)) if standalone else str(p)
+        loaded = trimesh.load(source, file_type=suffix[1:], force="mesh", process=False)
     except MeshError:
         raise
     except MemoryError:

@@ -10,11 +10,16 @@
 The vector then goes to Qdrant, or FAISS with ``exact``. A views collection (one multivector per
 object) gets every view of a mesh, the one view of a picture, or the sentence as one vector, and
 ranks by MaxSim: the score is the mean over the query's vectors of its best-matching stored view.
+
+``Searcher`` holds the warm parts (encoders, renderers, per-collection state) for many queries (`m3d
+serve`); ``query`` is one query through it (`m3d query`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +27,7 @@ import numpy as np
 from .connector import Hit, SearchSettings
 from .maxsim import scores as scores_of
 from .errors import M3DError, MeshError, ModelLoadError, StoreError, UsageError
-from .meshio import Mesh, load_mesh
+from .meshio import DEFAULT_MAX_FACES, Mesh, load_mesh
 from .orientation import DatasetUp, pose, stored_consensus
 from .render import BACKGROUND, create_renderer, posed
 from .schemas import Fingerprint
@@ -70,10 +75,10 @@ class QueryResult:
     kind: str = "mesh"
 
 
-def load_named(mesh_path: Path) -> Mesh:
+def load_named(mesh_path: Path, max_faces: int = DEFAULT_MAX_FACES, standalone: bool = False) -> Mesh:
     """load_mesh for a file the user named: the error says which file."""
     try:
-        return load_mesh(mesh_path)
+        return load_mesh(mesh_path, max_faces=max_faces, standalone=standalone)
     except MeshError as exc:
         raise MeshError(f"{mesh_path}: {exc}") from None
 
@@ -88,13 +93,18 @@ def render_views(mesh_path: Path, fp: Fingerprint, stored_pose: dict | None = No
 
 def render_mesh(mesh: Mesh, fp: Fingerprint, stored_pose: dict | None = None,
                 dataset: DatasetUp | None = None, suffix: str = "") -> np.ndarray:
-    rotation = (np.asarray(stored_pose["rotation"]) if stored_pose
-                else pose(mesh, fp.view, dataset, suffix=suffix).rotation)
     renderer = create_renderer(fp.view)
     try:
-        return renderer.render(posed(mesh, rotation))
+        return renderer.render(posed(mesh, rotation_of(mesh, fp, stored_pose, dataset, suffix)))
     finally:
         renderer.close()
+
+
+def rotation_of(mesh: Mesh, fp: Fingerprint, stored_pose: dict | None = None, dataset: DatasetUp | None = None,
+                suffix: str = "") -> np.ndarray:
+    """The rotation a stored object recorded, or, for a new mesh, the one the collection's rule gives."""
+    return (np.asarray(stored_pose["rotation"]) if stored_pose
+            else pose(mesh, fp.view, dataset, suffix=suffix).rotation)
 
 
 def collection_consensus(session: Session, name: str) -> DatasetUp | None:
@@ -195,65 +205,199 @@ def choose_collection(session: Session, collection: str | None, kind: str = "mes
     return ([n for n in able if n.endswith("_mean")] or able)[0]
 
 
-def query_vector(session: Session, q: Query, fp: Fingerprint, *, checkpoint: Path | None = None,
-                 device: str | None = None, dataset: DatasetUp | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """The unit query vector in the collection's space, and the views it came from (None for text);
-    a mesh is posed by the collection's rule (`dataset`: its up-axis consensus, for --up auto). For a
-    views collection: (m, dim), one unit row per view shown (a text: one row)."""
-    import torch
+@dataclass
+class CollectionState:
+    """What a query reads about a collection before it searches, read once per generation (every
+    write moves the generation, so a sync's changes are seen by the next query)."""
 
-    from .pooling import MULTIVECTOR, pool
+    name: str
+    generation: str | None
+    fingerprint: Fingerprint | None
+    classes: dict[str, int]
+    points: int
+    _consensus: list = field(default_factory=list)  # [DatasetUp | None] once read: read only when needed
 
-    if q.kind == "mesh":
-        views = render_views(q.mesh, fp, dataset=dataset)  # before loading the encoder: a bad mesh fails fast
-    elif q.kind == "image":
-        views = image_view(q.image, fp.view.size)
-    encoder = collection_encoder(session, fp, checkpoint=checkpoint, device=device)
-    if q.kind == "text":
-        vector = torch.nn.functional.normalize(encoder.encode_text([q.text]).float(), dim=-1).cpu().numpy()
-        return (vector if fp.pool in MULTIVECTOR else vector[0]), None
-    per_view = encoder.encode(views)  # an image is one view: every pool of one view is that view
-    return pool(fp.pool, per_view[None]).cpu().numpy()[0], views
+
+class Searcher:
+    """Warm query machinery over one open session, shared by `m3d query` (one query, then closed) and
+    `m3d serve` (many, from many threads): each collection's encoder loaded once, one renderer per view
+    settings on one render thread (a GL context belongs to the thread that made it), and each
+    collection's state (fingerprint, classes, up-axis consensus) kept until its generation moves.
+
+    Store reads take the read side of the session's guard, so a query that runs while a sync writes
+    sees each collection as it was before a write or after it; rendering and encoding run outside it."""
+
+    def __init__(self, session: Session, *, checkpoint: Path | None = None, device: str | None = None,
+                 max_faces: int = DEFAULT_MAX_FACES, uploads: bool = False):
+        """uploads: query meshes come from other people (a server's uploads): each is read alone,
+        never the files it names (meshio.load_mesh standalone)."""
+        self.session = session
+        self.checkpoint = checkpoint
+        self.device = device
+        self.max_faces = max_faces
+        self.uploads = uploads
+        self._lock = threading.Lock()
+        self._states: dict[str, CollectionState] = {}
+        self._encoders: dict[str, tuple[object, threading.Lock]] = {}
+        self._renderers: dict = {}  # ViewSettings -> renderer, touched only on the render thread
+        self._render_thread = ThreadPoolExecutor(1, thread_name_prefix="m3d-render")
+
+    # -- per-collection state -------------------------------------------------------------------
+    def state(self, name: str) -> CollectionState:
+        """The collection's state now (call under the guard's read side, or with no writer about)."""
+        generation = self.session.vectors.generation(name)
+        held = self._states.get(name)
+        if held is not None and held.generation == generation:
+            return held
+        fp = self.session.fingerprint(name)
+        classes = self.session.vectors.facet(name, "class") if fp is not None else {}
+        state = CollectionState(name, generation, fp, classes, self.session.vectors.count(name))
+        self._states[name] = state
+        return state
+
+    def consensus(self, state: CollectionState) -> DatasetUp | None:
+        """The up-axis consensus of a collection's objects, read once per generation (--up auto)."""
+        if not state._consensus:
+            state._consensus.append(collection_consensus(self.session, state.name))
+        return state._consensus[0]
+
+    # -- the warm parts ---------------------------------------------------------------------------
+    def encoder(self, fp: Fingerprint):
+        """The collection's encoder, loaded on first use, with the lock its callers encode under
+        (one encode at a time per model: threads would only split the same cores)."""
+        with self._lock:
+            if fp.encoder not in self._encoders:
+                self._encoders[fp.encoder] = (collection_encoder(self.session, fp, checkpoint=self.checkpoint,
+                                                                 device=self.device), threading.Lock())
+            return self._encoders[fp.encoder]
+
+    def render(self, mesh: Mesh, fp: Fingerprint, rotation: np.ndarray) -> np.ndarray:
+        """The mesh, posed by rotation, through the collection's cameras, on the render thread."""
+        return self._render_thread.submit(self._render, mesh, fp, rotation).result()
+
+    def _render(self, mesh: Mesh, fp: Fingerprint, rotation: np.ndarray) -> np.ndarray:
+        renderer = self._renderers.get(fp.view)
+        if renderer is None:
+            renderer = self._renderers[fp.view] = create_renderer(fp.view)
+        return renderer.render(posed(mesh, rotation))
+
+    def stored_views(self, payload: dict, fp: Fingerprint) -> np.ndarray:
+        """A stored object rendered as its collection saw it (its stored pose), from its dataset's
+        folder on this machine; UsageError when that file is not here or changed since it was synced."""
+        from .dataset import content_hash
+
+        path = self.session.source_path(payload)
+        if path is None or not path.is_file():
+            raise UsageError(f"{payload.get('path')}: its file is not available on this machine")
+        if payload.get("content_hash") and content_hash(path) != payload["content_hash"]:
+            raise UsageError(f"{payload.get('path')}: the file changed since it was synced (run m3d sync)")
+        mesh = load_named(path, self.max_faces)
+        return self.render(mesh, fp, rotation_of(mesh, fp, payload.get("pose"), suffix=path.suffix))
+
+    # -- queries ----------------------------------------------------------------------------------
+    def vector(self, q: Query, fp: Fingerprint, dataset: DatasetUp | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """The unit query vector in the collection's space, and the views it came from (None for text);
+        a mesh is posed by the collection's rule (`dataset`: its up-axis consensus, for --up auto). For a
+        views collection: (m, dim), one unit row per view shown (a text: one row)."""
+        import torch
+
+        from .pooling import MULTIVECTOR, pool
+
+        views = None
+        if q.kind == "mesh":  # rendered before the encoder loads: a bad mesh fails fast
+            mesh = load_named(q.mesh, self.max_faces, standalone=self.uploads)
+            views = self.render(mesh, fp, rotation_of(mesh, fp, dataset=dataset, suffix=q.mesh.suffix))
+        elif q.kind == "image":
+            views = image_view(q.image, fp.view.size)
+        encoder, lock = self.encoder(fp)
+        with lock:
+            if q.kind == "text":
+                vector = torch.nn.functional.normalize(encoder.encode_text([q.text]).float(), dim=-1).cpu().numpy()
+                return (vector if fp.pool in MULTIVECTOR else vector[0]), None
+            per_view = encoder.encode(views)  # an image is one view: every pool of one view is that view
+            return pool(fp.pool, per_view[None]).cpu().numpy()[0], views
+
+    def search(self, q: Query, *, collection: str | None = None, k: int = 5, label: str | None = None,
+               exact: bool = False, params: SearchSettings = SearchSettings()) -> QueryResult:
+        """q.up names the query mesh's up axis when it does not follow the collection's rule."""
+        from .encoders import is_local_id
+
+        guard = self.session.guard
+        with guard.reading():
+            name = choose_collection(self.session, collection, q.kind, self.checkpoint)
+            state = self.state(name)
+            fp = state.fingerprint
+            if fp is None:
+                raise StoreError(f"collection {name} is empty")
+            if self.checkpoint is not None and not is_local_id(fp.encoder):  # it would be ignored: say so
+                raise UsageError(f"--checkpoint is for a collection synced from a local checkpoint; {name} was "
+                                 f"built with {fp.model_id}, which m3d finds by itself")
+            if label is not None and label not in state.classes:  # an unknown class is a typo, not "no neighbours"
+                near = sorted(state.classes, key=lambda c: (c.lower() != label.lower(), c))[:5]
+                raise UsageError(f"no class {label!r} in {name}; classes include: {', '.join(near)}")
+            view = fp.view if q.up is None else replace(fp.view, up=q.up)
+            dataset = self.consensus(state) if q.kind == "mesh" and view.up == "auto" else None
+        vector, views = self.vector(q, replace(fp, view=view), dataset)
+        hits, engine = self.nearest(name, fp, vector, k, label=label, exact=exact, params=params)
+        return QueryResult(name, engine, hits, views, q.kind)
+
+    def nearest(self, name: str, fp: Fingerprint, vector: np.ndarray, k: int, *, label: str | None = None,
+                exact: bool = False, params: SearchSettings = SearchSettings(),
+                exclude: str | None = None) -> tuple[list[Hit], str]:
+        """The k nearest stored objects to a vector made with fp, from Qdrant or (exact) FAISS; exclude
+        leaves one id out (an object's own "more like this")."""
+        extra = exclude is not None
+        while True:
+            with self.session.guard.reading():
+                if self.state(name).fingerprint != fp:  # rebuilt with other settings while this query ran
+                    raise StoreError(f"collection {name} changed while this query ran: ask again")
+                if not exact:
+                    hits = self.session.vectors.search(name, vector[None], k + extra, label=label, params=params)[0]
+                    return [h for h in hits if h.id != exclude][:k], "qdrant"
+                index = self.session.held_exact(name)
+                if index is not None:
+                    return [h for h in _exact_hits(self.session, name, index, vector, k + extra, label)
+                            if h.id != exclude][:k], "faiss"
+            self.session.exact(name)  # load (or rebuild) it under the write side, then answer under the read side
+
+    def close(self) -> None:
+        def release() -> None:
+            for renderer in self._renderers.values():
+                renderer.close()
+            self._renderers.clear()
+
+        self._render_thread.submit(release).result()
+        self._render_thread.shutdown()
+
+    def __enter__(self) -> "Searcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _exact_hits(session: Session, name: str, index, vector: np.ndarray, k: int, label: str | None) -> list[Hit]:
+    """FAISS's exact answer; within one class, every member scored and the best k kept."""
+    if label is None:
+        scores, ids = index.search(vector[None], k)
+        records = {r.id: r.payload for r in session.vectors.retrieve(name, ids[0])}
+        return [Hit(i, float(s), records.get(i, {})) for i, s in zip(ids[0], scores[0])]
+    members = [r.id for r in session.vectors.records(name, fields=["class"]) if r.payload.get("class") == label]
+    member_rows = np.array([index.row(m) for m in members if index.row(m) is not None], dtype=int)
+    scores = scores_of(vector[None], index.vectors[member_rows], index.views)[0] if len(member_rows) else np.zeros(0)
+    top = np.argsort(-scores, kind="stable")[:k]
+    chosen = [index.ids[member_rows[t]] for t in top]
+    records = {r.id: r.payload for r in session.vectors.retrieve(name, chosen)}
+    return [Hit(i, float(scores[t]), records.get(i, {})) for i, t in zip(chosen, top)]
 
 
 def query(session: Session, mesh_path: Path | None = None, *, image: Path | None = None, text: str | None = None,
           collection: str | None = None, k: int = 5, label: str | None = None, exact: bool = False,
           up: str | None = None, checkpoint: Path | None = None,
           params: SearchSettings = SearchSettings()) -> QueryResult:
-    """up names the query mesh's up axis when it does not follow the collection's rule; checkpoint is
-    the directory of a collection's local checkpoint when this store does not remember it."""
-    from .encoders import is_local_id
-
+    """One query (`m3d query`): up names the query mesh's up axis when it does not follow the
+    collection's rule; checkpoint is the directory of a collection's local checkpoint when this store
+    does not remember it."""
     q = Query(mesh=mesh_path, image=image, text=text, up=up)
-    name = choose_collection(session, collection, q.kind, checkpoint)
-    fp = session.fingerprint(name)
-    if fp is None:
-        raise StoreError(f"collection {name} is empty")
-    if checkpoint is not None and not is_local_id(fp.encoder):  # it would be ignored: say so
-        raise UsageError(f"--checkpoint is for a collection synced from a local checkpoint; {name} was built "
-                         f"with {fp.model_id}, which m3d finds by itself")
-    if label is not None:  # an unknown class is a typo, not "no neighbours"
-        classes = session.vectors.facet(name, "class")
-        if label not in classes:
-            near = sorted(classes, key=lambda c: (c.lower() != label.lower(), c))[:5]
-            raise UsageError(f"no class {label!r} in {name}; classes include: {', '.join(near)}")
-    view = fp.view if up is None else replace(fp.view, up=up)
-    dataset = collection_consensus(session, name) if q.kind == "mesh" and view.up == "auto" else None
-    vector, views = query_vector(session, q, replace(fp, view=view), checkpoint=checkpoint, dataset=dataset)
-    if not exact:
-        hits = session.vectors.search(name, vector[None], k, label=label, params=params)[0]
-        return QueryResult(name, "qdrant", hits, views, q.kind)
-    index = session.exact(name)
-    if label is None:
-        scores, ids = index.search(vector[None], k)
-        records = {r.id: r.payload for r in session.vectors.retrieve(name, ids[0])}
-        hits = [Hit(i, float(s), records.get(i, {})) for i, s in zip(ids[0], scores[0])]
-    else:  # exact answer within one class: score every member, keep the best k
-        members = [r.id for r in session.vectors.records(name, fields=["class"]) if r.payload.get("class") == label]
-        member_rows = np.array([index.row(m) for m in members if index.row(m) is not None], dtype=int)
-        scores = scores_of(vector[None], index.vectors[member_rows], index.views)[0] if len(member_rows) else np.zeros(0)
-        top = np.argsort(-scores, kind="stable")[:k]
-        chosen = [index.ids[member_rows[t]] for t in top]
-        records = {r.id: r.payload for r in session.vectors.retrieve(name, chosen)}
-        hits = [Hit(i, float(scores[t]), records.get(i, {})) for i, t in zip(chosen, top)]
-    return QueryResult(name, "faiss", hits, views, q.kind)
+    with Searcher(session, checkpoint=checkpoint) as searcher:
+        return searcher.search(q, collection=collection, k=k, label=label, exact=exact, params=params)

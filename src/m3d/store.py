@@ -3,6 +3,7 @@ it, and the sync reports. Everything a command needs is opened here, once, under
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import numpy as np
 
 from .connector import VECTOR_PAGE, VectorStore, open_store
 from .connector.exact import MISSING, ExactIndex, path_of
+from .connector.guard import Guarded, ReadWriteLock
 from .connector.lock import StoreLock
 from .errors import StoreError, UsageError
 from .schemas import COLLECTION_PREFIX, Fingerprint
@@ -36,6 +38,16 @@ def is_unit(vector: np.ndarray | None, tol: float = 1e-3) -> bool:
     return bool(np.all(np.isfinite(norms)) and np.all(np.abs(norms - 1.0) <= tol))
 
 
+def _writes(method):
+    """A Session method that changes the store or its FAISS files: it runs under the write side of
+    the session's guard, whole (reentrant: writes inside it do not wait on themselves)."""
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        with self.guard.writing():
+            return method(self, *args, **kwargs)
+    return guarded
+
+
 @dataclass
 class Session:
     """An open store: use as a context manager so the lock and the engine are released."""
@@ -46,6 +58,9 @@ class Session:
     _exact: dict[str, ExactIndex] = field(default_factory=dict)  # in step with this session's writes
     _written: dict[str, str] = field(default_factory=dict)  # collection -> generation this session wrote last
     created: bool = False  # this session made the directory: a refused command leaves none behind
+    #: readers (a serving process's queries) take its read side; every write here takes the write side,
+    #: so a query sees a collection before or after a write (generation, Qdrant rows, FAISS rows), never between
+    guard: ReadWriteLock = field(default_factory=ReadWriteLock)
 
     @property
     def exact_dir(self) -> Path:
@@ -74,21 +89,23 @@ class Session:
     def upsert(self, name: str, ids: list[str], vectors: np.ndarray, payloads: list[dict]) -> None:
         """Write points to Qdrant and the same rows to the collection's FAISS index (a multivector
         collection's (n, views, dim) as flat rows)."""
-        index = self.exact(name)
-        token = self._advance(name)
-        self.vectors.upsert(name, ids, vectors, payloads)
-        index.upsert(ids, vectors)
-        index.generation = token
+        with self.guard.writing():
+            index = self.exact(name)
+            token = self._advance(name)
+            self.vectors.upsert(name, ids, vectors, payloads)
+            index.upsert(ids, vectors)
+            index.generation = token
 
     def delete(self, name: str, ids: list[str]) -> None:
         """Delete points from Qdrant and their rows from FAISS."""
         if not ids:
             return
-        index = self.exact(name)
-        token = self._advance(name)
-        self.vectors.delete(name, ids)
-        index.remove(ids)
-        index.generation = token
+        with self.guard.writing():
+            index = self.exact(name)
+            token = self._advance(name)
+            self.vectors.delete(name, ids)
+            index.remove(ids)
+            index.generation = token
 
     def _advance(self, name: str) -> str:
         """A new generation, stored in the collection before it changes: from now on no FAISS file,
@@ -98,6 +115,7 @@ class Session:
         self._written[name] = token
         return token
 
+    @_writes
     def finish(self, name: str) -> float:
         """After a sync's writes: build the collection's HNSW graph and quantized vectors where its
         settings call for them (the embedded engine has no background optimiser), then save FAISS.
@@ -109,6 +127,7 @@ class Session:
         self.save_exact(name)
         return seconds
 
+    @_writes
     def save_exact(self, name: str) -> ExactIndex:
         """Commit the index kept in step by this session's writes (its rows are already in its file).
         If another writer changed the collection meanwhile (its generation is not the one this
@@ -123,6 +142,13 @@ class Session:
         log.info("faiss index of %s holds %d points", name, len(index))
         return index
 
+    def held_exact(self, name: str) -> ExactIndex | None:
+        """The FAISS index this session holds for a collection when it still describes it (loaded and
+        kept in step since), else None: a reader's check that changes nothing (exact() may rebuild)."""
+        held = self._exact.get(name)
+        return held if held is not None and held.generation == self.vectors.generation(name) else None
+
+    @_writes
     def exact(self, name: str) -> ExactIndex:
         """The FAISS index of a collection, provably describing what Qdrant holds now: its saved
         generation is the collection's, its collection and dimension match, its row count matches
@@ -161,6 +187,7 @@ class Session:
                     return "holds other vectors than Qdrant"
         return None
 
+    @_writes
     def rebuild_exact(self, name: str, *, must_save: bool = True) -> ExactIndex:
         """Build a collection's FAISS index from every vector Qdrant holds, streamed page by page into
         a new file that then replaces the saved one (a command that only reads builds it in a
@@ -216,6 +243,7 @@ class Session:
             index.discard()
             raise
 
+    @_writes
     def publish(self, name: str, version: str) -> None:
         """End a zero-downtime rebuild (after finish(version)): readers of `name` move to the complete
         `version` at once; its FAISS index, saved under the version's name, moves with it."""
@@ -227,10 +255,12 @@ class Session:
         if version in self._written:
             self._written[name] = self._written.pop(version)
 
+    @_writes
     def drop(self, name: str) -> None:
         self.vectors.drop_collection(name)
         self.drop_exact(name)
 
+    @_writes
     def drop_exact(self, name: str) -> None:
         held = self._exact.pop(name, None)
         if held is not None:
@@ -275,9 +305,17 @@ class Session:
         return roots
 
     def source_path(self, payload: dict) -> Path | None:
-        """The local file of a stored object, when its dataset was synced from this machine."""
+        """The local file of a stored object, when its dataset was synced from this machine; None
+        for a stored path that would lead outside its dataset's folder (absolute, or up through
+        `..`): a payload is data, and no reader follows it out of the dataset roots."""
         root = self.roots().get(payload.get("dataset", ""))
-        return Path(root) / payload["path"] if root and payload.get("path") else None
+        rel = payload.get("path")
+        if not root or not isinstance(rel, str) or not rel:
+            return None
+        parts = Path(rel).parts
+        if Path(rel).is_absolute() or ".." in parts or "\0" in rel:
+            return None
+        return Path(root) / rel
 
     def remember_checkpoint(self, model_id: str, directory: str) -> None:
         """Where a local checkpoint (stored in payloads only as ``local:<name>@sha256:<digest>``) lives
@@ -352,4 +390,5 @@ def open_session(store_dir: Path, *, url: str | None = None, api_key: str | None
     except BaseException:
         lock.__exit__(None, None, None)
         raise
-    return Session(store_dir, vectors, lock, created=created)
+    guard = ReadWriteLock()
+    return Session(store_dir, Guarded(vectors, guard), lock, created=created, guard=guard)

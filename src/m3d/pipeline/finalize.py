@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
 from ..store import Session
@@ -41,6 +41,14 @@ class SyncReport:
         data = asdict(self)
         data["skipped"] = len(self.skipped)
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SyncReport":
+        """A report sent as asdict(report) (a sync run by `m3d serve` for `m3d sync`), read back."""
+        known = {f.name for f in fields(cls)}
+        report = cls(**{k: v for k, v in data.items() if k in known and k != "stages"})
+        report.stages = StageStats(**data.get("stages", {}))
+        return report
 
 
 Progress = Callable[[int, int, SyncReport], None]  # (done, total, report so far)
