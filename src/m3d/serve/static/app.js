@@ -8,12 +8,17 @@ const K = 24;
 const $ = (id) => document.getElementById(id);
 const state = { token: null, label: null, last: null, collection: "", blobs: [] };
 
+// control characters (terminal escapes, a bell) in a name are shown as \xNN, never passed on raw
+const visible = (text) => String(text).replace(/[\u0000-\u001f\u007f-\u009f]/g,
+  (c) => "\\x" + c.charCodeAt(0).toString(16).padStart(2, "0"));
+
 function el(tag, props = {}, children = []) {
   const node = document.createElement(tag);
   for (const [key, value] of Object.entries(props)) {
-    if (key === "text") node.textContent = value;
+    if (key === "text") node.textContent = visible(value);
     else if (key === "class") node.className = value;
-    else node.setAttribute(key, value);
+    else if (key === "title") node.title = visible(value);
+    else node.setAttribute(key, value);  // data-* keep the raw value: the filter sends it back as it came
   }
   for (const child of children) node.append(child);
   return node;
@@ -50,7 +55,7 @@ async function json(path, options) { return (await api(path, options)).json(); }
 
 function status(text, error = false) {
   const line = $("status");
-  line.textContent = text;
+  line.textContent = visible(text);
   line.classList.toggle("error", error);
 }
 
@@ -105,7 +110,7 @@ async function chips(name) {
   const counts = Object.entries(data.counts).sort((a, b) => a[0].localeCompare(b[0]));
   for (const [label, count] of counts) {
     const chip = el("button", { type: "button", class: "chip" + (state.label === label ? " on" : ""),
-      title: label, "data-class": label }, [document.createTextNode(label), el("span", { class: "n", text: String(count) })]);
+      title: label, "data-class": label }, [document.createTextNode(visible(label)), el("span", { class: "n", text: String(count) })]);
     chip.addEventListener("click", () => filter(label));
     box.append(chip);
   }
@@ -129,7 +134,7 @@ function show(answer, title) {
   preview.hidden = !answer.preview;
   if (answer.preview) {
     preview.querySelector("img").src = answer.preview;
-    preview.querySelector("span").textContent = "searched: " + title;
+    preview.querySelector("span").textContent = visible("searched: " + title);
   }
   status(answer.hits.length + " results for " + title + " in " + answer.collection + " (" + answer.engine + ", " +
          answer.ms + " ms)" + (state.label !== null ? ", class " + state.label : ""));
@@ -182,7 +187,7 @@ async function open(collection, id) {
   const data = await json("/api/collections/" + encodeURIComponent(collection) + "/objects/" + encodeURIComponent(id));
   const p = data.payload;
   const title = String(p.path);
-  $("detail-title").textContent = (p.class === undefined ? "" : String(p.class) + ": ") + title;
+  $("detail-title").textContent = visible((p.class === undefined ? "" : String(p.class) + ": ") + title);
   const views = $("views");
   views.replaceChildren();
   if (data.views_problem) views.append(el("p", { class: "status error", text: data.views_problem }));
