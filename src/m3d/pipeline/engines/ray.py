@@ -15,10 +15,15 @@ which is the backpressure between the stages and keeps the object store small.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import subprocess
+import sys
+import tempfile
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -43,11 +48,103 @@ def _ray():
     return ray
 
 
+TOKEN_NOTICE = "Token authentication is enabled"  # Ray's own notice on every start: not the user's to read
+
+
+class _DropTokenNotice(logging.Filter):
+    """Drops Ray's "token authentication is enabled" notice only; its other warnings (auth disabled
+    included) and all errors still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(TOKEN_NOTICE)
+
+
+def quiet_ray() -> None:
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropTokenNotice) for f in logger.filters):
+        logger.addFilter(_DropTokenNotice())
+
+
+ADDRESS_LINE = b"m3d local ray at "  # the keeper's one line on stdout
+# Ray's token authentication, asked for by name: Ray's default for a new local Ray, but a driver that
+# joins by address uses it only when told, and naming it spares every run Ray's notice that it is on
+AUTH = {"RAY_AUTH_MODE": "token"}
+
+
+class LocalRay:
+    """A local Ray for one sync, that goes down with the sync however it ends (kill -9 included).
+
+    A Ray that ray.init() starts in the driver survives the driver's kill -9 in part (its dashboard and
+    runtime-env agents and workers stay, ppid 1, ~180 MB). So the head runs in a keeper process of its
+    own session (`python -m m3d.pipeline.engines.ray`, every Ray process its descendant in one process
+    group) that reads its stdin: the driver holds the other end, and when that closes (the driver ended,
+    failed or was killed) the keeper shuts Ray down and kills whatever of its group is left."""
+
+    def __enter__(self) -> str:
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, start_new_session=True,
+                                     env={**os.environ, **AUTH})
+        for line in self.proc.stdout:  # Ray may print before the keeper does
+            if line.startswith(ADDRESS_LINE):
+                return line[len(ADDRESS_LINE):].decode().strip()
+        self.proc.wait()
+        self.log.seek(0)
+        tail = " ".join(self.log.read().decode(errors="replace").strip().splitlines()[-1:])
+        raise M3DError(f"could not start a local Ray (exit {self.proc.returncode}): {tail}")
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.stdin.close()  # the keeper's signal to shut down
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc.stdout.close()
+        self.log.close()
+
+
+def _keep_head() -> None:
+    """The keeper (see LocalRay): start a local Ray, print its address, hold it until stdin closes."""
+    import psutil
+
+    ray = _ray()
+    quiet_ray()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides; a terminal's ^C reaches it
+    ours: list = []
+    try:
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        print(ADDRESS_LINE.decode() + ray.get_runtime_context().gcs_address, flush=True)
+        sys.stdin.buffer.read()  # returns at EOF: the driver is gone or done
+        ours = psutil.Process().children(recursive=True)  # Ray's workers make process groups of their own
+        ray.shutdown()
+    finally:
+        group = os.getpgid(0)
+        for proc in {*ours, *(p for p in psutil.process_iter() if _in_group(p, group))}:
+            try:
+                proc.kill()  # what outlived the shutdown (psutil checks it is still the same process)
+            except psutil.Error:
+                pass
+
+
+def _in_group(proc, group: int) -> bool:
+    try:
+        return proc.pid != os.getpid() and os.getpgid(proc.pid) == group
+    except OSError:
+        return False
+
+
 class RenderActor:
     """A render worker on the cluster: its RenderContext is made once, when the actor starts."""
 
     def __init__(self, spec: RenderSpec):
         self.context = RenderContext(spec)
+
+    def node(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def render(self, task: Task) -> tuple[Rendered, Any]:
         """(the outcome without its views, the views): the driver fetches only the first."""
@@ -69,7 +166,10 @@ class EncodeActor:
         self.device = str(encoders[0].device)
 
     def info(self) -> dict:
-        return {"batch_images": self.batch_images, "device": self.device}
+        import ray
+
+        return {"batch_images": self.batch_images, "device": self.device,
+                "node": ray.get_runtime_context().get_node_id()}
 
     def embed(self, metas: list[Rendered], *views) -> tuple[list, float]:
         start = time.perf_counter()
@@ -80,6 +180,7 @@ class EncodeActor:
 @dataclass
 class _Renderer:
     actor: Any
+    node: Any = None  # a ref to the id of the node it runs on (answered once it started)
     in_flight: deque = field(default_factory=deque)  # (task, meta_ref, views_ref), in submission order
     isolated: bool = False  # running one suspect alone
 
@@ -111,18 +212,40 @@ def check_reachable(address: str | None) -> None:
                        "`ray start --head` or fix --ray-address / RAY_ADDRESS") from None
 
 
+@contextlib.contextmanager
+def _environment(ray, values: dict[str, str]):
+    """Ray's RAY_* settings from os.environ with these values for the block, as they were afterwards.
+    Ray reads them once per process (RayConfig): read again after each change."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    ray._raylet.Config.initialize("")
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        ray._raylet.Config.initialize("")
+
+
 def run(job: Job) -> None:
     ray = _ray()
+    quiet_ray()
     options = job.options
-    started_here = not ray.is_initialized()
-    if started_here:
-        check_reachable(options.ray_address or os.environ.get("RAY_ADDRESS"))
-        ray.init(address=options.ray_address, include_dashboard=False, logging_level=logging.WARNING)
-    try:
+    if ray.is_initialized():  # the caller's Ray (a library user, the tests)
         _Scheduler(ray, job).run()
-    finally:
-        if started_here:
-            ray.shutdown()
+        return
+    address = options.ray_address or os.environ.get("RAY_ADDRESS")
+    check_reachable(address)
+    with contextlib.ExitStack() as stack:
+        if address in (None, "", "local"):
+            address = stack.enter_context(LocalRay())
+            stack.enter_context(_environment(ray, AUTH))
+        ray.init(address=address, logging_level=logging.WARNING)
+        stack.callback(ray.shutdown)
+        _Scheduler(ray, job).run()
 
 
 class _Scheduler:
@@ -144,9 +267,14 @@ class _Scheduler:
                              f"the Ray cluster has {cpus} CPUs")
         self.render_cls = ray.remote(num_cpus=1, **runtime)(RenderActor)
         self.spec = job.plan.render
-        self.renderers = [_Renderer(self.render_cls.remote(self.spec)) for _ in range(render_n)]
+        # encoders first: on a GPU node with one CPU per GPU, a render actor placed there first would
+        # take the CPU its encoder needs, and the encoder would wait for ever
         self.encoders = [_Encoder(self.encode_cls.remote(options)) for _ in range(encode_n)]
-        info = self._get(self.encoders[0].actor.info.remote(), "encode")
+        infos = [self._get(e.actor.info.remote(), "encode") for e in self.encoders]
+        info = infos[0]
+        self.renderers = [self._renderer() for _ in range(render_n)]
+        placement = {"encode": dict(Counter(i["node"] for i in infos)),
+                     "render": dict(Counter(self._get(r.node, "render") for r in self.renderers))}
         self.batch_images = info["batch_images"]
         views = self.spec.view.views
         per_batch = -(-self.batch_images // views)
@@ -155,9 +283,14 @@ class _Scheduler:
         report.workers = stats.render_workers = render_n
         stats.encode_workers = encode_n
         report.resources = {"cpus": cpus, "gpus": gpus, "nodes": sum(1 for n in ray.nodes() if n.get("Alive")),
-                            "render_workers": render_n, "encode_workers": encode_n, "encode_device": info["device"]}
+                            "render_workers": render_n, "encode_workers": encode_n, "encode_device": info["device"],
+                            "placement": placement}  # node id -> actors of each stage at the start
         log.info("ray: %d CPUs, %d GPUs; %d render actors, %d encode actors (%s), %d images per batch",
                  cpus, gpus, render_n, encode_n, info["device"], self.batch_images)
+
+    def _renderer(self) -> _Renderer:
+        actor = self.render_cls.remote(self.spec)
+        return _Renderer(actor, actor.node.remote())
 
     def _get(self, ref, stage: str):
         try:
@@ -241,17 +374,37 @@ class _Scheduler:
                 self._take(self.ray.get(meta, timeout=0), views)
             except (self.ray.exceptions.RayActorError, self.ray.exceptions.GetTimeoutError):
                 crashed.append(task)
+        self.ray.kill(r.actor)
+        if not self._node_alive(r.node):  # its node left the cluster: no file is to blame
+            log.warning("a Ray node left the cluster; its %d render tasks go to the other actors", len(crashed))
+            self.queued.extendleft(reversed(crashed))
+            self.renderers.remove(r)  # no replacement: the cluster has one CPU fewer
+            if not self.renderers:
+                raise M3DError("the Ray cluster lost the nodes of every render actor; what was written is "
+                               "kept: run the same sync again once the cluster is back")
+            return
         skip = worker_died(r, crashed, self.suspects)
         if skip is not None:
             self.job.tally.skipped(skip)
-        self.ray.kill(r.actor)
-        r.actor, r.in_flight, r.isolated = self.render_cls.remote(self.spec), deque(), False
+        fresh = self._renderer()
+        r.actor, r.node, r.in_flight, r.isolated = fresh.actor, fresh.node, deque(), False
+
+    def _node_alive(self, node_ref) -> bool:
+        try:
+            node = self.ray.get(node_ref, timeout=0)
+        except (self.ray.exceptions.RayActorError, self.ray.exceptions.GetTimeoutError):
+            return True  # it never started: not a node's loss
+        return any(n["NodeID"] == node and n.get("Alive") for n in self.ray.nodes())
 
     def _encoded(self, ref) -> None:
         encoder, batch, attempt = self.encoding.pop(ref)
         encoder.busy -= 1
         try:
             points, seconds = self._get(ref, "encode")
+        except self.ray.exceptions.ObjectLostError:  # views on a node that left the cluster: render again
+            log.warning("views of %d objects were lost with a Ray node; rendering them again", len(batch))
+            self.queued.extendleft(reversed([meta.task for meta, _ in batch]))
+            return
         except self.ray.exceptions.RayActorError:
             if attempt >= ENCODE_RETRIES:
                 raise M3DError(f"an encode actor died {attempt + 1} times on one batch; see the Ray logs") from None
@@ -263,3 +416,7 @@ class _Scheduler:
         self.job.stats.encode += seconds
         write(points, self.job.writer)
         self.job.tally.embedded_batch(len(batch))
+
+
+if __name__ == "__main__":
+    _keep_head()
