@@ -378,6 +378,7 @@ class _Scheduler:
         if not self._node_alive(r.node):  # its node left the cluster: no file is to blame
             log.warning("a Ray node left the cluster; its %d render tasks go to the other actors", len(crashed))
             self.queued.extendleft(reversed(crashed))
+            r.in_flight = deque()  # its other answers, if any arrive, are already handled
             self.renderers.remove(r)  # no replacement: the cluster has one CPU fewer
             if not self.renderers:
                 raise M3DError("the Ray cluster lost the nodes of every render actor; what was written is "
