@@ -55,3 +55,77 @@ def perturbed_copy(src: Path, dest: Path, *, jitter: float = 0.0, degrees: float
     t = np.radians(degrees)
     rot = np.array([[np.cos(t), 0, np.sin(t)], [0, 1, 0], [-np.sin(t), 0, np.cos(t)]])
     return write_off(dest, v @ rot.T, mesh.faces)
+
+
+# Planted copies (tests/test_dedup.py, benchmarks/dedup_planted.py): how each kind of duplicate is made
+# from a mesh's raw vertices (float64) and faces, with a seeded generator.
+
+def _jitter(scale: float):
+    def move(v, f, rng):
+        radius = float(np.linalg.norm(v - v.mean(0), axis=1).max())
+        return v + rng.normal(scale=scale * radius, size=v.shape), f
+    return move
+
+
+def _decimate(v, f, rng):
+    """Half the faces by quadric edge collapse (Open3D): a re-meshed copy whose surface moves a little."""
+    import open3d as o3d
+
+    mesh = o3d.geometry.TriangleMesh(o3d.utility.Vector3dVector(v), o3d.utility.Vector3iVector(f))
+    mesh = mesh.simplify_quadric_decimation(len(f) // 2)
+    return np.asarray(mesh.vertices), np.asarray(mesh.triangles)
+
+
+def _subdivide(v, f, rng):
+    """Every triangle split in four at its edge midpoints (trimesh): re-triangulated, the same surface."""
+    import trimesh
+
+    return trimesh.remesh.subdivide(v, f)
+
+
+def _rotate(scaled: bool):
+    def turn(v, f, rng):
+        from scipy.spatial.transform import Rotation
+
+        rot = Rotation.random(random_state=rng).as_matrix()
+        scale = 10 ** rng.uniform(-2, 2) if scaled else 1.0
+        return scale * (v @ rot.T + (rng.normal(size=3) if scaled else 0.0)), f  # moved by about its size
+    return turn
+
+
+def _reorder(v, f, rng):
+    """Vertices and faces in a new order (and each face's corners cycled): the same triangles."""
+    order = rng.permutation(len(v))
+    faces = np.argsort(order)[f][rng.permutation(len(f))]
+    return v[order], np.roll(faces, int(rng.integers(1, 3)), axis=1)
+
+
+import numpy as np  # noqa: E402  (the planting kinds need it; the helpers above import lazily)
+
+#: How a planted copy is made, by name. A format name (obj, ply, stl, glb) converts the file through
+#: trimesh; every other kind writes OFF.
+PLANTS = {"jitter-1e-4": _jitter(1e-4), "jitter-1e-3": _jitter(1e-3), "decimate-50": _decimate,
+          "subdivide": _subdivide, "rotate": _rotate(False), "rotate-scale": _rotate(True), "reorder": _reorder,
+          "obj": None, "ply": None, "stl": None, "glb": None}
+
+
+def plant_copy(src: Path, dest_stem: Path, kind: str, seed: int = 0) -> Path:
+    """A copy of the mesh at src made by PLANTS[kind], written at dest_stem plus the kind's suffix;
+    returns the file. Vertices are read raw (trimesh, process=False): the copy starts from the file's
+    own coordinates, not m3d's normalised ones."""
+    import trimesh
+
+    from m3d.meshio import Mesh
+    from m3d.meshio import write_off as write_mesh
+
+    mesh = trimesh.load(str(src), force="mesh", process=False)
+    v, f = np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces, dtype=np.int64)
+    make = PLANTS[kind]
+    if make is not None:
+        v, f = make(v, f, np.random.default_rng(seed))
+    dest = dest_stem.with_name(dest_stem.name + (f".{kind}" if make is None else ".off"))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if make is not None:
+        return write_mesh(Mesh(v.astype(np.float32), f.astype(np.int32)), dest)
+    trimesh.Trimesh(v, f, process=False).export(dest)
+    return dest

@@ -1,8 +1,9 @@
 """m3d dedup and eval --exclude-duplicates on real LPSB meshes and real stores (HOG mean collections).
 
-Planted copies: byte copies (exact, across folders, classes and datasets), re-saved copies (new bytes,
-same shape: near), and a ModelNet-style train/test tree whose contamination count must equal the
-number of test objects planted as copies of train objects."""
+Planted copies of every kind (tests/helpers.PLANTS: a byte copy, a format conversion, a turned and
+scaled copy, a re-ordered one, a subdivided one, a decimated one, a jittered one) across train and
+test, and hard negatives that must not pair: different LPSB objects of one class that look alike
+(Mech/321, 322, 323: one part with and without a bevel or a hole; Chair/104 and 105)."""
 
 from __future__ import annotations
 
@@ -15,136 +16,188 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from helpers import make_tree, perturbed_copy
+from helpers import make_tree, plant_copy
 from test_report import CHROMIUM, _chromium_dom
-from m3d.cli import DEFAULT_DEDUP_THRESHOLD, app
-from m3d.dedup import DEFAULT_THRESHOLD, DedupOptions, find_duplicates
+from m3d import cli
+from m3d.cli import app
+from m3d.dedup import DEFAULT_CANDIDATES, DEFAULT_NEAR, SAME_FRACTION, DedupOptions, find_duplicates
 from m3d.errors import UsageError
 from m3d.evaluate import evaluate
-from m3d.meshio import load_mesh
+from m3d.geometry import SAMPLES
 from m3d.pipeline import SyncOptions, sync
 from m3d.render import ViewSettings
 from m3d.store import open_session
 
 HOG = SyncOptions(encoders=("hog",), pools=("mean",), workers=0, view=ViewSettings(up="y"))  # as measured
+TURNED_SEED = 3
+#: planted test file -> (train original, kind it must get)
+PLANTED = {"Chair/test/copy_of_101.off": ("Chair/train/101.off", "exact"),
+           "Cup/test/21.obj": ("Cup/train/21.off", "same-geometry"),
+           "Airplane/test/62_turned.off": ("Airplane/train/62.off", "same-geometry"),
+           "Mech/test/322_reordered.off": ("Mech/train/322.off", "same-geometry"),
+           "Airplane/test/63_subdivided.off": ("Airplane/train/63.off", "same-geometry"),
+           "Cup/test/23_decimated.off": ("Cup/train/23.off", None),  # same-geometry or near: the surface moves a little
+           "Chair/test/102_jittered.off": ("Chair/train/102.off", "near")}
+HARD_NEGATIVES = {("Mech/train/321.off", "Mech/train/322.off"), ("Mech/train/322.off", "Mech/train/323.off"),
+                  ("Chair/test/104.off", "Chair/test/105.off")}
 
 
 @pytest.fixture(scope="module")
 def planted(lpsb, tmp_path_factory) -> dict:
-    """Chair/Cup/Airplane in train and test; 2 test objects are byte copies of train objects, 1 a
-    re-saved copy; a second dataset holds one more byte copy (of a Cup, filed as a Vase)."""
+    """Chair/Cup/Airplane/Mech in train; test holds two more objects of Chair and the planted copies;
+    a second dataset holds one more byte copy (of a Cup, filed as a Vase)."""
     root = tmp_path_factory.mktemp("dedup")
-    tree = make_tree(lpsb, root / "mn", {"Chair": 3, "Cup": 3, "Airplane": 3}, copy=True)
-    for label, ids in {"Chair": (104, 106), "Cup": (24, 25), "Airplane": (64, 65)}.items():
-        (tree / label / "test").mkdir()
-        for i in ids:
-            shutil.copyfile(lpsb / label / f"{i}.off", tree / label / "test" / f"{i}.off")
-    shutil.copyfile(tree / "Chair/train/101.off", tree / "Chair/test/copy_of_101.off")
-    shutil.copyfile(tree / "Cup/train/21.off", tree / "Cup/test/copy_of_21.off")
-    perturbed_copy(tree / "Airplane/train/62.off", tree / "Airplane/test/resaved_62.off")
+    tree = make_tree(lpsb, root / "mn", {"Chair": 3, "Cup": 3, "Airplane": 3})
+    make_tree(lpsb, root / "mn", {"Mech": 3})
+    make_tree(lpsb, root / "mn", {"Chair": 5}, split="test")
+    for name in ("101", "102", "103"):
+        (tree / "Chair/test" / f"{name}.off").unlink()  # test keeps 104 and 105 only
+    shutil.copyfile(lpsb / "Chair/101.off", tree / "Chair/test/copy_of_101.off")
+    plant_copy(lpsb / "Cup/21.off", tree / "Cup/test/21", "obj")
+    plant_copy(lpsb / "Airplane/62.off", tree / "Airplane/test/62_turned", "rotate-scale", seed=TURNED_SEED)
+    plant_copy(lpsb / "Mech/322.off", tree / "Mech/test/322_reordered", "reorder")
+    plant_copy(lpsb / "Airplane/63.off", tree / "Airplane/test/63_subdivided", "subdivide")
+    plant_copy(lpsb / "Cup/23.off", tree / "Cup/test/23_decimated", "decimate-50")
+    plant_copy(lpsb / "Chair/102.off", tree / "Chair/test/102_jittered", "jitter-1e-3")
     other = root / "other"
     (other / "Vase").mkdir(parents=True)
-    shutil.copyfile(tree / "Cup/train/22.off", other / "Vase" / "not_a_vase.off")
+    shutil.copyfile(lpsb / "Cup/22.off", other / "Vase" / "not_a_vase.off")
     store = root / "store"
     with open_session(store) as session:
         sync(session, tree, HOG)
         sync(session, other, HOG)
-    return {"tree": tree, "store": store}
+        result = find_duplicates(session, DedupOptions(candidates=8))
+    return {"tree": tree, "store": store, "result": result}
 
 
-def test_byte_copies_are_exact_resaved_copies_near_and_contamination_is_what_was_planted(planted) -> None:
-    assert DEFAULT_DEDUP_THRESHOLD == DEFAULT_THRESHOLD  # the CLI's copy of the default cannot drift
-    with open_session(planted["store"]) as session:
-        result = find_duplicates(session, DedupOptions())
-    exact = {tuple(sorted((m.dataset, m.path) for m in g.members)) for g in result.exact}
-    assert exact == {(("mn", "Chair/test/copy_of_101.off"), ("mn", "Chair/train/101.off")),
-                     (("mn", "Cup/test/copy_of_21.off"), ("mn", "Cup/train/21.off")),
-                     (("mn", "Cup/train/22.off"), ("other", "Vase/not_a_vase.off"))}  # across datasets and classes
-    assert ["mn:Cup/train/22.off", "other:Vase/not_a_vase.off"] in [g.places for g in result.exact]
-    assert ["Chair/test/copy_of_101.off", "Chair/train/101.off"] in [g.places for g in result.exact]
-    near = [sorted(m.path for m in g.members) for g in result.near]
-    assert near == [["Airplane/test/resaved_62.off", "Airplane/train/62.off"]]
-    assert result.near[0].min_score >= DEFAULT_THRESHOLD
-    assert result.objects == 19 and result.test_objects == 9
-    assert len(result.contaminated) == 3  # the three planted test copies, nothing else
-    assert result.per_class == {"Airplane": {"test": 3, "contaminated": 1}, "Chair": {"test": 3, "contaminated": 1},
-                                "Cup": {"test": 3, "contaminated": 1}}
-    assert len(result.nn_similarity) == 19 and max(result.nn_similarity) == pytest.approx(1.0, abs=1e-5)
+def _pairs(result) -> dict[tuple[str, str], object]:
+    return {tuple(sorted((a.path, b.path))): p for a, b, p in result.pairs()}
+
+
+def test_defaults_agree_with_the_cli() -> None:
+    assert (cli.DEFAULT_DEDUP_NEAR, cli.DEFAULT_DEDUP_CANDIDATES, cli.DEDUP_SAMPLES) == (DEFAULT_NEAR, DEFAULT_CANDIDATES,
+                                                                                          SAMPLES)
+
+
+def test_every_planted_copy_pairs_with_its_kind_and_nothing_else_does(planted) -> None:
+    result = planted["result"]
+    pairs = _pairs(result)
+    expected = {tuple(sorted((copy, orig))): kind for copy, (orig, kind) in PLANTED.items()}
+    cup22 = ("Cup/train/22.off", "Vase/not_a_vase.off")  # across datasets and classes
+    assert set(pairs) == set(expected) | {cup22}, set(pairs) ^ (set(expected) | {cup22})
+    for key, kind in expected.items():
+        assert pairs[key].kind == (kind or pairs[key].kind), (key, pairs[key].kind)
+    assert pairs[tuple(sorted(("Cup/test/23_decimated.off", "Cup/train/23.off")))].kind in ("same-geometry", "near")
+    assert pairs[cup22].kind == "exact"
+    for key, p in pairs.items():
+        if p.kind == "same-geometry":
+            assert p.match.hausdorff <= SAME_FRACTION * p.match.spacing
+        elif p.kind == "near":
+            assert SAME_FRACTION * p.match.spacing < p.match.hausdorff <= DEFAULT_NEAR
+    # the hard negatives were proposed (the vectors could not tell them apart) and geometry refused them
+    checked = {tuple(sorted((c.a, c.b))): c for c in result.checked}
+    for key in HARD_NEGATIVES:
+        assert key in checked and checked[key].kind is None and checked[key].hausdorff > 2 * DEFAULT_NEAR, key
+    # contamination: each planted test copy of a train object, nothing else
+    assert result.test_objects == 2 + len(PLANTED)
+    assert len(result.contaminated) == len(PLANTED)
+
+
+def test_the_turned_copy_reports_the_rotation_that_was_planted(planted) -> None:
+    from scipy.spatial.transform import Rotation
+
+    planted_rotation = Rotation.random(random_state=np.random.default_rng(TURNED_SEED)).as_matrix()
+    group = next(g for g in planted["result"].groups if any(m.path == "Airplane/test/62_turned.off" for m in g.members))
+    (p,) = group.pairs
+    first = group.members[p.a].path
+    # the rotation takes the second member onto the first: the copy onto the original is the planted one undone
+    want = planted_rotation.T if first == "Airplane/train/62.off" else planted_rotation
+    assert np.allclose(p.match.rotation, want, atol=1e-4)
+    assert p.match.hausdorff < 0.1 * SAME_FRACTION * p.match.spacing  # float32 rounding: far under the bound
 
 
 def test_dedup_cli_json_report_and_nothing_is_touched(planted, tmp_path) -> None:
     before = {p: p.stat().st_mtime_ns for p in planted["tree"].rglob("*")}
-    out = CliRunner().invoke(app, ["dedup", "--json", "--report", str(tmp_path / "rep"), "--store", str(planted["store"])])
+    out = CliRunner().invoke(app, ["dedup", "--json", "--candidates", "8", "--report", str(tmp_path / "rep"),
+                                   "--store", str(planted["store"])])
     assert out.exit_code == 0, out.output
     data = json.loads(out.output)
-    assert (data["exact_groups"], data["near_groups"], data["contaminated_test_objects"]) == (3, 1, 3)
-    for name in ("index.html", "nn_similarity.png", "dedup_pairs.csv", "dedup.json", "group_001.png", "group_004.png"):
+    assert data["contaminated_test_objects"] == len(PLANTED) and data["confirmed_pairs"] == len(PLANTED) + 1
+    turned = next(p for g in data["groups"] for p in g["pairs"] if "62_turned" in p["a"] + p["b"])
+    assert turned["kind"] == "same-geometry" and turned["why"].startswith("same-geometry: after turning")
+    assert {"hausdorff", "chamfer", "rotation", "angle_degrees", "cosine", "proposed_by"} <= set(turned)
+    assert data["cost"]["meshes_loaded"] <= data["objects"]  # once per object, not per pair
+    for name in ("index.html", "checked_pairs.png", "dedup_pairs.csv", "dedup.json", "group_001.png"):
         assert (tmp_path / "rep" / name).is_file(), name
     page = (tmp_path / "rep" / "index.html").read_text()
-    assert "resaved_62.off" in page and "never deletes or moves" in page
-    assert len((tmp_path / "rep" / "dedup_pairs.csv").read_text().splitlines()) == 1 + 4
+    assert "62_turned.off" in page and "never deletes or moves" in page and "Proposed, not duplicates" in page
+    assert len((tmp_path / "rep" / "dedup_pairs.csv").read_text().splitlines()) == 1 + len(PLANTED) + 1
     assert {p: p.stat().st_mtime_ns for p in planted["tree"].rglob("*")} == before  # read-only
-    bad = CliRunner().invoke(app, ["dedup", "--threshold", "1.5", "--store", str(planted["store"])])
-    assert bad.exit_code == 2 and "threshold" in bad.output and bad.output.count("\n") == 1
+
+
+def test_old_cosine_options_say_what_to_use(planted) -> None:
+    for args in (["dedup", "--threshold", "0.999"], ["eval", "--exclude-duplicates", "0.999"], ["dedup", "--near", "2"]):
+        bad = CliRunner().invoke(app, [*args, "--store", str(planted["store"])])
+        assert bad.exit_code == 2 and bad.output.count("\n") == 1, bad.output
+    assert "--near" in CliRunner().invoke(app, ["dedup", "--threshold", "0.9", "--store", str(planted["store"])]).output
     with pytest.raises(UsageError):
-        DedupOptions(threshold=0.0)
+        DedupOptions(candidates=0)  # nothing would be proposed
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="no chromium at /usr/bin/chromium (apt-get install chromium)")
 def test_report_page_shows_every_group(planted, tmp_path) -> None:
     """The page in a headless browser: every picture loads (data-images set by the page's script)."""
-    CliRunner().invoke(app, ["dedup", "--report", str(tmp_path / "rep"), "--store", str(planted["store"])])
-    dom = _chromium_dom(tmp_path / "rep" / "index.html", tmp_path / "profile")
-    assert 'data-images="5/5"' in dom  # the histogram and four group pictures
+    with open_session(planted["store"]) as session:
+        from m3d.dedup_report import write_dedup_report
+
+        page = write_dedup_report(session, planted["result"], tmp_path / "rep")
+    dom = _chromium_dom(page, tmp_path / "profile")
+    n = 1 + len(planted["result"].groups)
+    assert f'data-images="{n}/{n}"' in dom  # the scatter and one picture per group
 
 
-def _same_shape(a: Path, b: Path) -> bool:
-    """Same geometry up to vertex order and a rotation about the centre: equal sorted vertex radii."""
-    va, vb = load_mesh(a).vertices, load_mesh(b).vertices
-    return len(va) == len(vb) and np.allclose(np.sort(np.linalg.norm(va, axis=1)), np.sort(np.linalg.norm(vb, axis=1)),
-                                              atol=1e-4)
-
-
-def test_default_threshold_pairs_only_same_geometry_on_lpsb(lpsb, tmp_path) -> None:
-    """LPSB itself holds copies (Mech/331 and Mech/339 are one mesh with its vertices re-ordered);
-    at the default threshold every pair found is such a copy, and different meshes of one class
-    that look alike (Mech/321 vs Mech/330, a chamfer apart; Chair/104 vs Chair/105) are not paired."""
-    tree = make_tree(lpsb, tmp_path / "lpsb", {"Mech": 20, "Chair": 20}, split=None)
-    with open_session(tmp_path / "store") as session:
-        sync(session, tree, HOG)
-        result = find_duplicates(session, DedupOptions())
-        pairs = {tuple(sorted((g.members[i].path, g.members[j].path))) for g in result.exact + result.near
-                 for i, j, _ in g.pairs}
-    assert ("Mech/331.off", "Mech/339.off") in pairs
-    assert all(_same_shape(tree / a, tree / b) for a, b in pairs), pairs
-    assert not pairs & {("Mech/321.off", "Mech/330.off"), ("Chair/104.off", "Chair/105.off")}
-
-
-def test_eval_excluding_duplicates_ranks_without_each_querys_copies(planted) -> None:
-    """The deduplicated NN accuracy is, query by query, whether the best candidate scoring below the
-    threshold shares the query's class (checked by brute force); the plain figures stay beside it."""
+def test_eval_excluding_duplicates_ranks_without_each_querys_confirmed_copies(planted) -> None:
+    """The deduplicated NN accuracy is, query by query, whether the best candidate outside the query's
+    confirmed group shares its class (brute force); the plain figures stay beside it."""
     with open_session(planted["store"]) as session:
         plain = evaluate(session, ["m3d_hog_mean"])[0]
-        both = evaluate(session, ["m3d_hog_mean"], exclude_duplicates=DEFAULT_THRESHOLD)[0]
-        with pytest.raises(UsageError, match="threshold must be a cosine"):
-            evaluate(session, ["m3d_hog_mean"], exclude_duplicates=1.5)  # the library refuses it, not only the CLI
+        both = evaluate(session, ["m3d_hog_mean"], exclude_duplicates=True)[0]
+        with pytest.raises(UsageError, match="not a cosine"):
+            evaluate(session, ["m3d_hog_mean"], exclude_duplicates=0.999)  # the library refuses the old form too
         index = session.exact("m3d_hog_mean")
         labels = {r.id: r.payload["class"] for r in session.vectors.records("m3d_hog_mean", fields=["class"])}
+        groups = find_duplicates(session, DedupOptions()).groups
     assert both.nn_accuracy == plain.nn_accuracy and both.map == plain.map
+    group_of = {m.id: n for n, g in enumerate(groups) for m in g.members}
     y = np.array([labels[i] for i in index.ids])
     sims = index.vectors @ index.vectors.T
     hits = []
-    for q in range(len(y)):
+    for q, qid in enumerate(index.ids):
         if (y == y[q]).sum() < 2:
             continue  # a lone class (the Vase) is left out of every metric
-        sims[q, q] = -np.inf
-        candidates = np.where(sims[q] < DEFAULT_THRESHOLD, sims[q], -np.inf)
-        hits.append(y[int(np.argmax(candidates))] == y[q])
+        same = [r for r, pid in enumerate(index.ids) if qid in group_of and group_of.get(pid) == group_of[qid]]
+        sims[q, [q, *same]] = -np.inf
+        hits.append(y[int(np.argmax(sims[q]))] == y[q])
     d = both.deduplicated
     assert d["nn_acc"] == pytest.approx(np.mean(hits)) and d["nn_acc"] != plain.nn_accuracy
-    assert d["pairs"] == 4 and d["threshold"] == DEFAULT_THRESHOLD
+    assert d["pairs"] == sum(len(g.members) * (len(g.members) - 1) // 2 for g in groups) > 0
     row = both.row()
-    assert row["dup_pairs"] == 4 and "dedup_p@5" in row and "dedup_map" in row
+    assert row["dup_pairs"] == d["pairs"] and "dedup_p@5" in row and "dedup_map" in row
+
+
+def test_lpsb_own_copy_pairs_and_its_look_alikes_do_not(lpsb, tmp_path) -> None:
+    """LPSB itself holds copies: Mech/331 and Mech/339 are one mesh with its vertices re-ordered. Mech/321
+    and Mech/330 (a bevel apart) and Chair/104 and 105 are different objects that the vectors put close."""
+    tree = tmp_path / "lpsb"
+    for name in ("Mech/331", "Mech/339", "Mech/321", "Mech/330", "Chair/104", "Chair/105"):
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / f"{name}.off").symlink_to(lpsb / f"{name}.off")
+    with open_session(tmp_path / "store") as session:
+        sync(session, tree, HOG)
+        result = find_duplicates(session, DedupOptions())
+    assert {k: p.kind for k, p in _pairs(result).items()} == {("Mech/331.off", "Mech/339.off"): "same-geometry"}
+    assert {("Mech/321.off", "Mech/330.off"), ("Chair/104.off", "Chair/105.off")} <= {
+        tuple(sorted((c.a, c.b))) for c in result.checked if c.kind is None}
 
 
 def test_report_draws_hostile_names_as_typed(lpsb, tmp_path) -> None:

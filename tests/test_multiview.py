@@ -195,12 +195,25 @@ def test_check_sees_a_faiss_row_that_differs_and_info_shows_the_views(synced, tm
         assert repaired[VIEWS]["in_step"] and repaired[VIEWS]["ok"]
 
 
-def test_dedup_refuses_a_views_collection(synced):
+def test_dedup_proposes_from_the_mean_of_a_views_collections_views(synced):
+    """A multivector has no single cosine: m3d dedup proposes each object's nearest others by the mean of
+    its stored view vectors (computed here from the matrices), and geometry decides: the 12 different
+    meshes are all measured and none is a duplicate."""
     from m3d.dedup import DedupOptions, find_duplicates
 
     _, store = synced
-    with open_session(store) as session, pytest.raises(UsageError, match="pooled collection"):
-        find_duplicates(session, DedupOptions(collection=VIEWS))
+    with open_session(store) as session:
+        result = find_duplicates(session, DedupOptions(collections=(VIEWS,), candidates=3))
+        matrices = _matrices(session, VIEWS)
+        paths = {r.id: r.payload["path"] for r in session.vectors.records(VIEWS, fields=["path"])}
+    ids = list(matrices)
+    means = np.stack([matrices[i].mean(axis=0) for i in ids])
+    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    sims = means @ means.T
+    np.fill_diagonal(sims, -np.inf)
+    want = {tuple(sorted((paths[ids[q]], paths[ids[j]]))) for q in range(len(ids)) for j in np.argsort(-sims[q])[:3]}
+    assert {tuple(sorted((c.a, c.b))) for c in result.checked} == want
+    assert result.groups == [] and all(c.hausdorff is not None and c.kind is None for c in result.checked)
 
 
 def test_padding_an_object_with_its_own_views_changes_no_maxsim_score():

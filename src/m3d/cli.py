@@ -21,7 +21,10 @@ if TYPE_CHECKING:  # rich is imported where it prints: `m3d --help` stays instan
 
 from .errors import M3DError, StoreBusyError, UsageError, no_space, one_line, printable
 
-DEFAULT_DEDUP_THRESHOLD = 0.9995  # m3d.dedup.DEFAULT_THRESHOLD (not imported: `m3d --help` stays instant)
+# m3d.dedup's defaults (not imported: `m3d --help` stays instant; a test checks they agree)
+DEFAULT_DEDUP_NEAR = 0.01
+DEFAULT_DEDUP_CANDIDATES = 5
+DEDUP_SAMPLES = 4000
 
 app = typer.Typer(
     help="Turn 3D meshes into search vectors and keep them in Qdrant.\n\n"
@@ -379,9 +382,10 @@ def query(
             _print(f"gallery: {gallery}")
 
 
-@app.command("eval")
+@app.command("eval", context_settings={"allow_extra_args": True})  # extras: see `stray` below
 @friendly
 def eval_(
+    ctx: typer.Context,
     collection: Annotated[Optional[list[str]], typer.Option(help="Collection(s) to evaluate (default: all).")] = None,
     recall_k: Annotated[int, typer.Option(min=1, help="k of Qdrant-vs-FAISS recall.")] = 10,
     recall_queries: Annotated[int, typer.Option(min=1, help="Queries used for recall (spread over the collection).")] = 1000,
@@ -391,7 +395,7 @@ def eval_(
     out: Annotated[Optional[Path], typer.Option(help="Where to write eval.csv / eval_per_class.csv / eval.json (default: STORE/eval).")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Also write figures and index.html to this folder.")] = None,
     queries: Annotated[Optional[str], typer.Option(help="With --report: relative paths of the gallery queries (comma-separated).")] = None,
-    exclude_duplicates: Annotated[Optional[float], typer.Option(help="Also report the figures with each query's near duplicates (cosine >= this) removed from its candidates (see m3d dedup).")] = None,
+    exclude_duplicates: Annotated[bool, typer.Option(help="Also report the figures with each query's confirmed duplicates (m3d dedup's groups: exact, same geometry or near, decided on the meshes) removed from its candidates.")] = False,
     rotate: Annotated[Optional[int], typer.Option(min=1, help="Also re-embed N stored objects after a random rotation and query each against its collection.")] = None,
     rotation_seed: Annotated[int, typer.Option(help="Seed of the objects and rotations chosen by --rotate.")] = 0,
     rotation: Annotated[str, typer.Option(help="With --rotate: yaw (about the up axis) or any (uniform 3D rotation).")] = "yaw",
@@ -407,10 +411,11 @@ def eval_(
     from .connector import SearchSettings
     from .evaluate import evaluate, write_results
 
-    if exclude_duplicates is not None:
-        from .dedup import DedupOptions
-
-        DedupOptions(threshold=exclude_duplicates)  # validates the cosine before the store is opened
+    stray = ctx.args  # `--exclude-duplicates 0.999`, the old cosine form, leaves its value here
+    if stray:
+        raise UsageError(f"unexpected argument {stray[0]!r}" + (": --exclude-duplicates takes no cosine now, it removes "
+                         "the pairs m3d dedup confirms on the meshes (run `m3d eval --exclude-duplicates`)"
+                         if exclude_duplicates else ""))
     search = tuple(SearchSettings(hnsw_ef=ef, rescore=rescore, oversampling=oversampling)
                    for ef in _ints("--hnsw-ef", hnsw_ef) or [None])
     with _session(store, qdrant_url, qdrant_api_key) as session:
@@ -447,22 +452,31 @@ def eval_(
 @app.command()
 @friendly
 def dedup(
-    collection: Annotated[Optional[str], typer.Option(help="Collection whose vectors decide near duplicates (default: the first *_mean one).")] = None,
-    threshold: Annotated[float, typer.Option(help="Cosine at or above which two objects are near duplicates (see the report's histogram).")] = DEFAULT_DEDUP_THRESHOLD,
-    report: Annotated[Optional[Path], typer.Option(help="Also write index.html with every group's views side by side, the histogram, CSV and JSON to this folder.")] = None,
+    collection: Annotated[Optional[list[str]], typer.Option(help="Collection(s) whose vectors propose candidate pairs (default: the first *_mean one); several add their proposals up.")] = None,
+    candidates: Annotated[int, typer.Option(help="Nearest neighbours per object proposed to the geometric check.")] = DEFAULT_DEDUP_CANDIDATES,
+    min_cosine: Annotated[Optional[float], typer.Option(help="Also propose every neighbour at or above this cosine.")] = None,
+    near: Annotated[float, typer.Option(help="Near copies: the aligned surfaces' Hausdorff distance at or below this fraction of the radius.")] = DEFAULT_DEDUP_NEAR,
+    samples: Annotated[int, typer.Option(help="Surface samples per mesh for the geometric check.")] = DEDUP_SAMPLES,
+    threshold: Annotated[Optional[float], typer.Option(hidden=True)] = None,
+    report: Annotated[Optional[Path], typer.Option(help="Also write index.html with every group's views side by side after alignment, the CSV and JSON to this folder.")] = None,
     store: StoreOpt = DEFAULT_STORE,
     qdrant_url: UrlOpt = None,
     qdrant_api_key: KeyOpt = None,
     as_json: JsonOpt = False,
 ):
-    """Exact duplicates (same file content, across folders, classes and datasets), near duplicates
-    (cosine >= THRESHOLD, grouped), and test objects with a copy in train. Never deletes or moves
+    """Duplicates confirmed on the meshes: exact (same bytes), same-geometry (re-saved, converted,
+    re-ordered, re-meshed, turned or scaled) and near (small edits, Hausdorff <= NEAR), grouped, and
+    test objects with a copy in train. The vectors only propose pairs. Never deletes or moves
     anything: review the groups (--report) before acting on them."""
+    if threshold is not None:
+        raise UsageError("--threshold (a cosine) no longer decides duplicates, geometry does: use --near for the "
+                         "geometric bound, --candidates or --min-cosine to propose more pairs")
     from rich.markup import escape
 
     from .dedup import DedupOptions, find_duplicates, write_tables
 
-    options = DedupOptions(collection=collection, threshold=threshold)
+    options = DedupOptions(collections=tuple(collection or ()), candidates=candidates, min_cosine=min_cosine,
+                           near=near, samples=samples)
     with _session(store, qdrant_url, qdrant_api_key) as session:
         result = find_duplicates(session, options)
         files = []
@@ -473,14 +487,13 @@ def dedup(
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=2))
         return
-    s = result.summary()
-    _print(f"{result.collection}: {result.objects} objects, threshold {result.threshold:g}: "
-           f"{s['exact_groups']} exact groups ({s['exact_objects']} objects), "
-           f"{s['near_groups']} near groups ({s['near_objects']} objects)")
-    rows = [{"group": n, "kind": g.kind, "objects": len(g.members), "min": f"{g.min_score:.6f}", "max": f"{g.max_score:.6f}",
-             "classes": ", ".join(g.classes), "paths": ", ".join(g.places[:3])
-             + (" ..." if len(g.members) > 3 else "")}
-            for n, g in enumerate(result.exact + result.near, 1)]
+    s, c = result.summary(), result.cost
+    _print(f"{', '.join(result.collections)}: {result.objects} objects; {c['proposed_pairs']} pairs proposed, "
+           f"{c['measured_pairs']} measured on {c['meshes_loaded']} meshes; "
+           + ", ".join(f"{s[f'{k}_groups']} {k} groups ({s[f'{k}_objects']} objects)" for k in ("exact", "same-geometry", "near")))
+    rows = [{"group": n, "kind": g.kind, "objects": len(g.members), "hausdorff": f"{g.hausdorff:.2e}",
+             "classes": ", ".join(g.classes), "paths": ", ".join(g.places[:3]) + (" ..." if len(g.members) > 3 else "")}
+            for n, g in enumerate(result.groups, 1)]
     if rows:
         _print(_table("duplicate groups", rows[:30]))
         if len(rows) > 30:

@@ -49,8 +49,8 @@ class CollectionEval:
     recall_queries: int
     latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # engine -> p50/p95/p99
     excluded: int = 0  # queries left out of the quality metrics: no other member of their class
-    # with --exclude-duplicates T: the same figures with every candidate scoring >= T against the
-    # query removed from its ranking ({"threshold", "pairs", "p@5", "p@10", "map", "nn_acc"})
+    # with --exclude-duplicates: the same figures with each query's confirmed duplicates (m3d dedup's
+    # groups, decided on the meshes) removed from its ranking ({"pairs", "p@5", "p@10", "map", "nn_acc"})
     deduplicated: dict[str, float] | None = None
     index: str = ""  # Qdrant's index as built: "none (exact scan)" or "hnsw m=16 ef_construct=100 ..."
     indexed: int = 0  # vectors in an HNSW graph; 0 = Qdrant searched exactly
@@ -81,21 +81,23 @@ METRICS = ("ap", "nn", "ft", "st", "dcg", "scored")
 
 
 def ranking_metrics(vectors: np.ndarray, labels: np.ndarray, ks=PRECISION_AT, *,
-                    exclude_above: float | None = None, views: int = 1) -> dict:
+                    exclude: np.ndarray | None = None, views: int = 1) -> dict:
     """precision@k, AP, NN, FT, ST and DCG for every row against all others (self excluded),
     computed exactly on unit vectors in chunks so memory stays bounded. Rows whose label no other row
     shares get NaN everywhere and False in "scored": callers average over the scored rows only.
-    exclude_above: candidates scoring at or above it against the query (its near duplicates) are
-    removed from that query's ranking, as its own point is. views > 1: rows are flat multivectors,
-    ranked by MaxSim."""
+    exclude: (P, 2) row pairs (each other's duplicates) removed from each other's rankings, as a
+    query's own point is. views > 1: rows are flat multivectors, ranked by MaxSim."""
     n = len(vectors)
+    if exclude is not None and len(exclude):
+        exclude = np.concatenate([exclude, exclude[:, ::-1]])
     parts = []
     for lo in range(0, n, CHUNK):
         hi = min(n, lo + CHUNK)
         sims = scores(vectors[lo:hi], vectors, views)
         sims[np.arange(hi - lo), np.arange(lo, hi)] = -np.inf  # never your own neighbour
-        if exclude_above is not None:
-            sims[sims >= exclude_above] = -np.inf
+        if exclude is not None and len(exclude):
+            mine = exclude[(exclude[:, 0] >= lo) & (exclude[:, 0] < hi)]
+            sims[mine[:, 0] - lo, mine[:, 1]] = -np.inf
         parts.append(score_queries(sims, labels[lo:hi], labels, ks))
     return {"precision": {k: np.concatenate([p["precision"][k] for p in parts]) for k in ks},
             **{key: np.concatenate([p[key] for p in parts]) for key in METRICS}}
@@ -141,7 +143,7 @@ def _mean(values: np.ndarray) -> float:
 
 
 def evaluate_collection(session: Session, name: str, *, recall_k: int = 10, recall_queries: int = 1000,
-                        latency_queries: int = 100, exclude_duplicates: float | None = None,
+                        latency_queries: int = 100, exclude_duplicates: bool = False,
                         search: tuple[SearchSettings, ...] = (SearchSettings(),)) -> CollectionEval:
     """Quality from the exact index; then Qdrant against FAISS for each search setting (an ef sweep)."""
     index = session.exact(name)
@@ -178,11 +180,12 @@ def evaluate_collection(session: Session, name: str, *, recall_k: int = 10, reca
     info = session.vectors.index_info(name)
     latency_ms = {"qdrant": {p: sweep[0][p] for p in ("p50", "p95", "p99") if p in sweep[0]}, "faiss": faiss_latency}
     deduplicated = None
-    if exclude_duplicates is not None and views is None:  # near duplicates are defined by one vector's cosine
-        from .dedup import near_pairs
+    if exclude_duplicates:  # pairs decided on the meshes: the same for every collection of these objects
+        from .dedup import DedupOptions, confirmed_pairs, find_duplicates
 
-        dedup = ranking_metrics(index.vectors, labels, exclude_above=exclude_duplicates)
-        deduplicated = {"threshold": exclude_duplicates, "pairs": len(near_pairs(index.vectors, exclude_duplicates)),
+        pairs = confirmed_pairs(find_duplicates(session, DedupOptions(collections=(name,))), ids)
+        dedup = ranking_metrics(index.vectors, labels, exclude=pairs, views=index.views)
+        deduplicated = {"pairs": len(pairs),
                         **{f"p@{k_}": _mean(dedup["precision"][k_]) for k_ in PRECISION_AT},
                         "map": _mean(dedup["ap"]), "nn_acc": _mean(dedup["nn"])}
     return CollectionEval(
@@ -247,10 +250,9 @@ def _latency(search, queries: np.ndarray) -> dict[str, float]:
 def evaluate(session: Session, collections: list[str] | None = None, **kwargs) -> list[CollectionEval]:
     """Every named collection (default: all) with at least two objects; smaller ones have no neighbours
     to rank and are left out rather than reported as NaN."""
-    if kwargs.get("exclude_duplicates") is not None:
-        from .dedup import DedupOptions
-
-        DedupOptions(threshold=kwargs["exclude_duplicates"])  # a cosine in (0, 1]: 1.5 would exclude nothing
+    if not isinstance(kwargs.get("exclude_duplicates", False), bool):
+        raise UsageError("exclude_duplicates is True or False now (it removes the pairs m3d dedup confirms on the "
+                         f"meshes), not a cosine: got {kwargs['exclude_duplicates']!r}")
     names = collections or session.collections()
     for name in names:
         session.require(name)

@@ -218,13 +218,14 @@ class Renders:
     def __init__(self, session: Session, fp: Fingerprint | None):
         self.session = session
         self.fp = fp
-        self.cache: dict[tuple[str, str], np.ndarray | None] = {}
+        self.cache: dict[tuple[str, str, str], np.ndarray | None] = {}
         self.problems: dict[str, str] = {}  # relative path -> why it has no picture
 
     def views(self, payload: dict) -> np.ndarray | None:
         from .search import render_views
 
-        key = (str(payload.get("dataset")), str(payload.get("path")))
+        pose = payload.get("pose")  # one object drawn in two poses (a duplicate turned onto its pair) is two entries
+        key = (str(payload.get("dataset")), str(payload.get("path")), repr(pose["rotation"]) if pose else "")
         if key not in self.cache:
             path = self.session.source_path(payload) if payload.get("path") else None
             views = None
