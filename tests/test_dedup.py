@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from helpers import make_tree, plant_copy
+from helpers import make_tree, needs_open3d, plant_copy
 from test_report import CHROMIUM, _chromium_dom
 from m3d import cli
 from m3d.cli import app
@@ -79,6 +79,7 @@ def test_defaults_agree_with_the_cli() -> None:
                                                                                           SAMPLES)
 
 
+@needs_open3d
 def test_every_planted_copy_pairs_with_its_kind_and_nothing_else_does(planted) -> None:
     result = planted["result"]
     pairs = _pairs(result)
@@ -103,6 +104,7 @@ def test_every_planted_copy_pairs_with_its_kind_and_nothing_else_does(planted) -
     assert len(result.contaminated) == len(PLANTED)
 
 
+@needs_open3d
 def test_the_turned_copy_reports_the_rotation_that_was_planted(planted) -> None:
     from scipy.spatial.transform import Rotation
 
@@ -116,6 +118,7 @@ def test_the_turned_copy_reports_the_rotation_that_was_planted(planted) -> None:
     assert p.match.hausdorff < 0.1 * SAME_FRACTION * p.match.spacing  # float32 rounding: far under the bound
 
 
+@needs_open3d
 def test_dedup_cli_json_report_and_nothing_is_touched(planted, tmp_path) -> None:
     before = {p: p.stat().st_mtime_ns for p in planted["tree"].rglob("*")}
     out = CliRunner().invoke(app, ["dedup", "--json", "--candidates", "8", "--report", str(tmp_path / "rep"),
@@ -135,6 +138,7 @@ def test_dedup_cli_json_report_and_nothing_is_touched(planted, tmp_path) -> None
     assert {p: p.stat().st_mtime_ns for p in planted["tree"].rglob("*")} == before  # read-only
 
 
+@needs_open3d
 def test_old_cosine_options_say_what_to_use(planted) -> None:
     for args in (["dedup", "--threshold", "0.999"], ["eval", "--exclude-duplicates", "0.999"], ["dedup", "--near", "2"]):
         bad = CliRunner().invoke(app, [*args, "--store", str(planted["store"])])
@@ -144,6 +148,7 @@ def test_old_cosine_options_say_what_to_use(planted) -> None:
         DedupOptions(candidates=0)  # nothing would be proposed
 
 
+@needs_open3d
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="no chromium at /usr/bin/chromium (apt-get install chromium)")
 def test_report_page_shows_every_group(planted, tmp_path) -> None:
     """The page in a headless browser: every picture loads (data-images set by the page's script)."""
@@ -156,6 +161,7 @@ def test_report_page_shows_every_group(planted, tmp_path) -> None:
     assert f'data-images="{n}/{n}"' in dom  # the scatter and one picture per group
 
 
+@needs_open3d
 def test_eval_excluding_duplicates_ranks_without_each_querys_confirmed_copies(planted) -> None:
     """The deduplicated NN accuracy is, query by query, whether the best candidate outside the query's
     confirmed group shares its class (brute force); the plain figures stay beside it."""
@@ -185,6 +191,7 @@ def test_eval_excluding_duplicates_ranks_without_each_querys_confirmed_copies(pl
     assert row["dup_pairs"] == d["pairs"] and "dedup_p@5" in row and "dedup_map" in row
 
 
+@needs_open3d
 def test_lpsb_own_copy_pairs_and_its_look_alikes_do_not(lpsb, tmp_path) -> None:
     """LPSB itself holds copies: Mech/331 and Mech/339 are one mesh with its vertices re-ordered. Mech/321
     and Mech/330 (a bevel apart) and Chair/104 and 105 are different objects that the vectors put close."""

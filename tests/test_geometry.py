@@ -5,8 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from helpers import needs_open3d
 from m3d.geometry import CUBE_ROTATIONS, compare, prepare
 from m3d.meshio import Mesh, load_mesh
+
+
+pytestmark = needs_open3d  # point-to-surface distances: Open3D's RaycastingScene (the raycast extra)
 
 
 @pytest.fixture(scope="module")

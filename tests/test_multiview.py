@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from helpers import make_tree
+from helpers import make_tree, needs_open3d
 from m3d.cli import app
 from m3d.connector import IndexSettings
 from m3d.errors import UsageError
@@ -195,6 +195,7 @@ def test_check_sees_a_faiss_row_that_differs_and_info_shows_the_views(synced, tm
         assert repaired[VIEWS]["in_step"] and repaired[VIEWS]["ok"]
 
 
+@needs_open3d
 def test_dedup_proposes_from_the_mean_of_a_views_collections_views(synced):
     """A multivector has no single cosine: m3d dedup proposes each object's nearest others by the mean of
     its stored view vectors (computed here from the matrices), and geometry decides: the 12 different

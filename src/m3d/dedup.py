@@ -45,6 +45,7 @@ DEFAULT_CANDIDATES = 5  # neighbours proposed per object and collection
 SHAPE_CACHE = 512  # prepared meshes kept in memory (pairs are visited in row order: each loads once)
 PAYLOAD = ["path", "dataset", "class", "split", "content_hash", "pose"]  # pose: re-render as stored
 TRAIN, TEST = "train", "test"
+GEOMETRY_NEEDS = "m3d dedup measures surfaces with open3d's ray-casting scene: pip install 'm3d[raycast]'"
 KINDS = ("exact", "same-geometry", "near")  # tightest first; a group is as loose as its loosest pair
 
 
@@ -325,6 +326,10 @@ def find_duplicates(session: Session, options: DedupOptions) -> DedupResult:
     proposing = time.perf_counter() - start
 
     # stage 2: geometry decides
+    from .render import raycast_available
+
+    if proposed and not raycast_available():
+        raise M3DError(GEOMETRY_NEEDS)
     shapes = _Shapes(session, members, options.samples)
     checked: list[Checked] = []
     start = time.perf_counter()
