@@ -27,11 +27,15 @@ def code_blocks(text: str) -> list[str]:
 
 
 def m3d_commands(block: str) -> list[str]:
-    """Each `m3d ...` command of a block: comments dropped, `&&` / `;` / `|` chains split."""
+    """Each `m3d ...` command of a block: comments dropped, `&&` / `;` / `|` chains split, shell
+    redirections (`> file`, `2>&1`) left to the shell."""
     found = []
     for line in block.splitlines():
         line = re.sub(r"(^|\s)#.*$", "", line).strip()
-        found += [p.strip() for p in re.split(r"&&|;|\|", line) if p.strip().startswith("m3d ")]
+        for part in re.split(r"&&|;|\|", line):
+            part = re.sub(r"\s(\d?>>?|<)\s*(&\d|\S+)", "", f" {part}").strip()
+            if part.startswith("m3d "):
+                found.append(part)
     return found
 
 
