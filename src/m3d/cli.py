@@ -260,19 +260,18 @@ def sync(
             _print(f"engine: {s.engine} on {r['cpus']} CPUs, {r['gpus']} GPUs ({r['render_workers']} render, "
                    f"{r['encode_workers']} encode workers)")
         if s.orientation:
-            o = s.orientation
-            if o.get("formats"):  # one consensus per file format
-                each = ", ".join(f"{sfx or '(none)'} {g['majority'] or 'no majority'} ({g['objects']})"
-                                 for sfx, g in o["formats"].items())
-                _print(f"up (auto), per file format: {each}; {o['against_majority']} objects turned against "
-                       f"their format's majority on their own evidence")
-            elif o["majority"]:
-                _print(f"up (auto): dataset majority {o['majority']} (prior {o['prior'][o['majority']]:.2f} over "
-                       f"{o['objects']} objects); {o['against_majority']} objects turned against it on their own evidence")
-            else:
-                ups = ", ".join(f"{d} {p:.2f}" for d, p in o["prior"].items() if p >= 0.05)
-                _print(f"up (auto): no dataset majority over {o['objects']} objects (prior {ups}): each object "
-                       f"by its own shape and file conventions")
+            for sfx, g in s.orientation["formats"].items():
+                if "agree" not in g:
+                    rule = f"{g['up']} ({g['objects']} file{'s' if g['objects'] != 1 else ''})"
+                elif g["agree"]:
+                    rule = (f"{g['up']} for every file: the dataset agrees (prior {g['prior'][g['up']]:.2f}, "
+                            f"{g['sampled']} of {g['objects']} files measured)")
+                else:
+                    rule = (f"{g['up']} unless a file's own evidence is strong: a mixed library (prior "
+                            f"{g['prior'][g['up']]:.2f}, {g['sampled']} of {g['objects']} files measured)")
+                _print(f"up (auto), {printable(sfx or '(no suffix)')}: {rule}")
+                if g.get("moved"):
+                    _print(f"  up rule moved: {g['moved']}; {g['reoriented']} unchanged objects embedded again")
         for skip in s.skipped[:10]:
             _print(f"  skipped {skip['rel_path']}: {skip['reason']}")
         if len(s.skipped) > 10:

@@ -325,10 +325,10 @@ def rotation_robustness(session: Session, names: list[str], *, objects: int, see
     collection's own settings, and query each against its collection. Collections that share an
     encoder and view settings share the renders and the encoding (only the pool differs)."""
     from .meshio import load_mesh
-    from .orientation import pose, stored_consensus
+    from .orientation import pose
     from .pooling import pool
     from .render import create_renderer, posed
-    from .search import collection_encoder
+    from .search import collection_consensus, collection_encoder
 
     if rotation not in ROTATIONS:
         raise UsageError(f"unknown rotation {rotation!r}; choose one of: {', '.join(ROTATIONS)}")
@@ -342,7 +342,7 @@ def rotation_robustness(session: Session, names: list[str], *, objects: int, see
     for (_, view), members in groups.items():
         fp = session.fingerprint(members[0])
         payloads = {r.id: r.payload for r in session.vectors.records(members[0], fields=["class", "path", "dataset", "pose"])}
-        dataset = stored_consensus(payloads.values()) if view.up == "auto" else None
+        dataset = collection_consensus(session, members[0]) if view.up == "auto" else None
         rng = np.random.default_rng(seed)
         ids = sorted(payloads)
         chosen = [ids[i] for i in np.sort(rng.choice(len(ids), size=min(objects, len(ids)), replace=False))]

@@ -28,7 +28,7 @@ from .connector import Hit, SearchSettings
 from .maxsim import scores as scores_of
 from .errors import M3DError, MeshError, ModelLoadError, StoreError, UsageError
 from .meshio import DEFAULT_MAX_FACES, Mesh, load_mesh
-from .orientation import DatasetUp, pose, stored_consensus
+from .orientation import UP_KEY, DatasetUp, merged, pose, scanned_consensus
 from .render import BACKGROUND, create_renderer, posed
 from .schemas import Fingerprint
 from .store import Session
@@ -108,8 +108,15 @@ def rotation_of(mesh: Mesh, fp: Fingerprint, stored_pose: dict | None = None, da
 
 
 def collection_consensus(session: Session, name: str) -> DatasetUp | None:
-    """The up-axis consensus of a collection's objects (auto collections keep each object's evidence)."""
-    return stored_consensus(rec.payload for rec in session.vectors.records(name, fields=["pose", "path"]))
+    """The up rules a query mesh follows in a collection (None: none, the mesh goes alone): one read of
+    the rules its syncs stored, whatever its size. A collection stored before rules were (or by another
+    evidence model) is scanned for its points' evidence instead, until its next sync stores them."""
+    records = session.vectors.metadata(name, UP_KEY)
+    if isinstance(records, dict) and records:
+        found = [DatasetUp.from_record(r) for r in records.values()]
+        if all(f is not None for f in found):
+            return merged(found)
+    return scanned_consensus((rec.id, rec.payload) for rec in session.vectors.records(name, fields=["pose", "path"]))
 
 
 def image_view(image_path: Path, size: int) -> np.ndarray:

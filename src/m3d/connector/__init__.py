@@ -202,6 +202,13 @@ class VectorStore(Protocol):
     def set_generation(self, name: str, token: str) -> None:
         """Store a new generation token in the collection, durably, before the collection changes."""
 
+    def metadata(self, name: str, key: str) -> object | None:
+        """A JSON value m3d keeps with the collection itself (its up rules), None when none is stored:
+        read without touching a point, so it costs the same at any size."""
+
+    def set_metadata(self, name: str, key: str, value: object) -> None:
+        """Replace that value (every machine using the collection sees it)."""
+
     def search(self, name: str, queries: np.ndarray, k: int, *, label: str | None = None,
                params: SearchSettings = SearchSettings()) -> list[list[Hit]]:
         """k nearest points for each query row (cosine), optionally only of one class. Queries of a

@@ -35,6 +35,7 @@ from . import PAGE, VECTOR_PAGE, VERSION, Hit, IndexInfo, IndexSettings, Record,
 SPARE_BYTES = 64 << 20
 #: Bytes a point costs on disk beyond its vector (payload, WAL entry, id tracker), generously.
 POINT_OVERHEAD = 4096
+META_PREFIX = "m3d_"  # keys of set_metadata in m3d.json, apart from the store's own (dim, index, generation)
 ALIASES = "aliases.json"  # collection name -> the version directory readers use
 T = TypeVar("T")
 log = logging.getLogger("m3d")
@@ -289,6 +290,12 @@ class EdgeStore:
 
     def set_generation(self, name: str, token: str) -> None:
         self._write_meta(name, {**self._meta(name), "generation": token})
+
+    def metadata(self, name: str, key: str) -> object | None:
+        return self._meta(name).get(META_PREFIX + key)
+
+    def set_metadata(self, name: str, key: str, value: object) -> None:
+        self._write_meta(name, {**self._meta(name), META_PREFIX + key: value})
 
     def ensure_collection(self, name: str, dim: int, settings: IndexSettings = IndexSettings(),
                           views: int | None = None) -> None:

@@ -27,6 +27,7 @@ BACKOFF_S = 0.5
 GENERATION_KEY = "m3d_generation"
 SETTINGS_KEY = "m3d_index"
 VIEWS_KEY = "m3d_views"  # vectors per point of a multivector collection
+META_PREFIX = "m3d_"  # set_metadata's keys in the collection's metadata
 TIMEOUT_S = 10  # connect and read, per call
 
 log = logging.getLogger("m3d")
@@ -223,6 +224,13 @@ class ServerStore:
         """Collection metadata (Qdrant >= 1.16): every m3d on every machine sees the same token."""
         self._call(f"update collection {name}",
                    lambda: self.client.update_collection(name, metadata={GENERATION_KEY: token}))
+
+    def metadata(self, name: str, key: str) -> object | None:
+        return self._metadata(name).get(META_PREFIX + key)
+
+    def set_metadata(self, name: str, key: str, value: object) -> None:
+        self._call(f"update collection {name}",
+                   lambda: self.client.update_collection(name, metadata={META_PREFIX + key: value}))
 
     def drop_collection(self, name: str) -> None:
         from qdrant_client import models

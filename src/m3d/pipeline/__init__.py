@@ -68,7 +68,8 @@ def sync(
     plan = plan_sync(files, known, targets, options, dataset, prune)
     plan.versions = versions
     # the evidence pass runs before any engine: no GL, no encoder, so it may use every core
-    plan_orientation(plan, files, known, targets, (os.cpu_count() or 1) if options.workers is None else options.workers)
+    plan_orientation(plan, files, known, targets, (os.cpu_count() or 1) if options.workers is None else options.workers,
+                     session, dataset)
     report.orientation = plan.orientation
     report.unchanged, report.added, report.updated = plan.unchanged, plan.added, plan.updated
     report.removed = len(plan.remove)

@@ -10,7 +10,7 @@ from typing import Callable
 
 from ..store import Session
 from .options import EXIT_OK, EXIT_SKIPPED
-from .plan import Plan
+from .plan import Plan, save_rules
 from .stages import Rendered, StageStats
 
 log = logging.getLogger("m3d")
@@ -93,6 +93,7 @@ def finalize(session: Session, plan: Plan, tally: Tally, started: float, elapsed
     for name in report.collections:  # HNSW where the settings call for it; FAISS (kept in step) saved
         where = plan.versions.get(name, name)
         report.index_seconds[name] = session.finish(where)
+        save_rules(session, where, plan)  # every point is written: the rules they were posed by go with them
         if where != name:  # a rebuild is complete: readers move to it at once
             session.publish(name, where)
             log.info("%s now reads from %s", name, where)

@@ -13,7 +13,8 @@ import numpy as np
 from ..connector import IndexSettings, shape_text
 from ..dataset import MeshFile, content_hash, file_stamp
 from ..errors import StoreError
-from ..orientation import EVIDENCE_MODEL, Decision, dataset_up, measure_files, valid_evidence
+from ..orientation import (EVIDENCE_MODEL, UP_KEY, DatasetUp, Decision, Rule, alone, decide_rule, measure_files, sample_of,
+                           valid_evidence)
 from ..render import ViewSettings
 from ..schemas import STAMP_FIELDS, SYNC_FIELDS, Fingerprint, collection_name
 from ..store import Session, is_unit
@@ -37,7 +38,7 @@ class Task:
     file: MeshFile
     needs: frozenset[str]  # encoder names whose collections lack a fresh point for it
     changed: bool = False  # stored before with other content (or turned another way now)
-    up: Decision | None = None  # --up auto: the up decided for it over the whole dataset
+    up: Decision | None = None  # --up auto: its format's rule (and evidence measured in the plan)
 
     @property
     def id(self) -> str:
@@ -93,7 +94,8 @@ class Plan:
     # collection -> id -> payload keys to rewrite without a render: a new stamp, a pose measured again
     restamp: dict[str, dict[str, dict]] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)  # collection -> new version written in its place
-    orientation: dict | None = None  # --up auto: the dataset's consensus and how many objects left it
+    orientation: dict | None = None  # --up auto: each format's rule, what moved and why, what it re-embeds
+    up_rules: tuple[str, DatasetUp] | None = None  # --up auto: (dataset, its rules), stored by finalize
 
 
 def build_targets(encoders: list, options: SyncOptions) -> dict[str, Target]:
@@ -221,54 +223,149 @@ def same_content(file: MeshFile, record: Stored, hash_cache: dict[str, str], *,
     return True, None if stamp_same else stamp
 
 
-def plan_orientation(plan: Plan, files: list[MeshFile], known: dict[str, dict[str, Stored]],
-                     targets: dict[str, Target], workers: int) -> None:
-    """--up auto: decide every object's up over the whole dataset, before anything renders.
+def stored_rules(session: Session, names: list[str], dataset: str) -> dict[str, DatasetUp | None]:
+    """collection -> the up rules it stored for this dataset (None: none, or unreadable)."""
+    out = {}
+    for name in names:
+        records = session.vectors.metadata(name, UP_KEY)
+        out[name] = DatasetUp.from_record(records.get(dataset)) if isinstance(records, dict) else None
+    return out
 
-    Evidence comes from the stored payloads for unchanged objects and is measured (in `workers`
-    processes) for the tasks; the dataset's consensus then decides each object. An unchanged object
-    whose decision moved (the dataset's majority changed with new files) becomes a task too. Stored
-    evidence that another model made is measured again; where the decision stands, only the stored pose
-    is rewritten (no render)."""
+
+def save_rules(session: Session, name: str, plan: Plan) -> None:
+    """Store the sync's up rules with a collection once its points are written (finalize): a sync that
+    stops earlier leaves the old rules, and the next one checks every object against its new ones."""
+    if plan.up_rules is None:
+        return
+    dataset, rules = plan.up_rules
+    records = session.vectors.metadata(name, UP_KEY)
+    session.vectors.set_metadata(name, UP_KEY, {**(records if isinstance(records, dict) else {}),
+                                                dataset: rules.to_record()})
+
+
+def plan_orientation(plan: Plan, files: list[MeshFile], known: dict[str, dict[str, Stored]],
+                     targets: dict[str, Target], workers: int, session: Session, dataset: str) -> None:
+    """--up auto: decide each file format's rule over the whole dataset, before anything renders.
+
+    Each format's rule comes from a fixed sample of its files (orientation.sample_of): their evidence is
+    read from the stored rules where the file is unchanged, measured (in `workers` processes) where it
+    is new or changed. The tasks carry the rule; the render worker applies it to the mesh it loads (a
+    mixed library measures each mesh there, no file is read twice). Where a format's rule is the one
+    every collection stored, unchanged objects keep their poses unread; where it moved (or none was
+    stored: an old store, once), each unchanged object's stored up is compared with the new decision,
+    and those that differ are embedded again, in the collections that hold them turned otherwise."""
     view = plan.render.view
     if view.up != "auto" or view.align != "none":
         return
-    stored: dict[str, Stored] = {}
-    for records in known.values():
-        for pid, rec in records.items():
-            if valid_evidence(rec.evidence):
-                stored.setdefault(pid, rec)
+    where = {name: plan.versions.get(name, name) for name in targets}
+    stored = stored_rules(session, list(where.values()), dataset)
+    stored = {name: stored[where[name]] for name in targets}
+    previous = next((r for r in stored.values() if r is not None), None)
     queued = {t.id for t in plan.tasks}
-    stale = [f for f in files if f.point_id not in queued and f.point_id in stored
-             and stored[f.point_id].model != EVIDENCE_MODEL]
-    measured = measure_files([t.file.path for t in plan.tasks] + [f.path for f in stale],
-                             plan.render.max_faces, workers)
-    evidence = {t.id: e for t, e in zip(plan.tasks, measured) if e is not None}
-    remeasured = {f.point_id: e for f, e in zip(stale, measured[len(plan.tasks):]) if e is not None}
+    by_format: dict[str, list[MeshFile]] = {}
     for file in files:
-        pid = file.point_id
-        if pid not in queued and pid in stored:
-            evidence[pid] = remeasured[pid] if pid in remeasured else np.asarray(stored[pid].evidence, dtype=np.float64)
-    suffixes = {f.point_id: f.path.suffix for f in files}  # every task is one of the files
-    dataset = dataset_up(list(evidence.values()), [suffixes[pid] for pid in evidence])
-    decided = {pid: Decision(*dataset.choose(ev, suffixes[pid]), tuple(float(x) for x in ev))
-               for pid, ev in evidence.items()}
-    plan.tasks = [replace(t, up=decided.get(t.id)) for t in plan.tasks]
-    every = frozenset(target.encoder.name for target in targets.values())
-    reoriented = 0
-    for file in files:
-        pid = file.point_id
-        if pid not in queued and pid in stored and decided[pid].up != stored[pid].up:
-            plan.tasks.append(Task(file, every, changed=True, up=decided[pid]))
-            plan.unchanged -= 1
-            plan.updated += 1
-            reoriented += 1
-        elif pid in remeasured:  # the same decision from today's model: the stored pose says so from now on
-            for name, records in known.items():
-                if pid in records:
-                    plan.restamp.setdefault(name, {}).setdefault(pid, {})["pose"] = decided[pid].pose().to_payload()
+        by_format.setdefault(file.path.suffix.lower(), []).append(file)
+    ids = {sfx: {f.point_id: f for f in group} for sfx, group in by_format.items()}
+    samples = {sfx: sample_of(members) for sfx, members in ids.items() if len(members) >= 2}
+    have: dict[str, tuple[float, ...]] = {}
+    wanted: list[MeshFile] = []
+    for sfx, sample in samples.items():
+        kept = previous.samples.get(sfx, {}) if previous else {}
+        for pid in sample:
+            if pid not in queued and pid in kept:
+                have[pid] = kept[pid]
+            elif pid not in queued and (rec := _stored_evidence(known, pid)) is not None:
+                have[pid] = rec
+            else:
+                wanted.append(ids[sfx][pid])
+    summary: dict[str, dict] = {}
+    rules: dict[str, Rule] = {}
+    moved: dict[str, str] = {}
+    measured = _measure(wanted, plan.render.max_faces, workers, have)
+    for sfx, sample in samples.items():
+        rows = [have[pid] for pid in sample if pid in have]
+        if len(rows) < 2:
+            continue
+        rules[sfx], why = decide_rule(rows, sfx, len(ids[sfx]), previous.rule_of(sfx) if previous else None)
+        if why:
+            moved[sfx] = why
+    up_rules = DatasetUp(rules, {sfx: {pid: have[pid] for pid in samples[sfx] if pid in have} for sfx in rules})
+    plan.tasks = [replace(t, up=Decision(rules.get(sfx := t.file.path.suffix.lower()), sfx, have.get(t.id)))
+                  for t in plan.tasks]
+    # unchanged objects, where a format's rule differs from what a collection stored
+    check = [(name, sfx) for name in targets for sfx in by_format
+             if not _settled(rules.get(sfx), stored[name], sfx)]
+    needs: dict[str, set[str]] = {}
+    decided: dict[str, Decision] = {}
+    lacking = []
+    for sfx in {sfx for _, sfx in check}:
+        rule = rules.get(sfx)
+        for pid, file in ids[sfx].items():
+            if pid in queued:
+                continue
+            ev = have.get(pid) or _stored_evidence(known, pid)
+            if ev is None and (rule is None or rule.needs_evidence):
+                lacking.append(file)
+            decided[pid] = Decision(rule, sfx, ev)
+    measured += _measure(lacking, plan.render.max_faces, workers, have)
+    reoriented: dict[str, int] = {}
+    for name, sfx in check:
+        for pid in ids[sfx]:
+            record = known[name].get(pid)
+            if pid in queued or record is None:
+                continue
+            decision = replace(decided[pid], evidence=decided[pid].evidence or have.get(pid))
+            if decision.rule is not None and not decision.rule.needs_evidence:
+                up = decision.rule.up
+            elif decision.evidence is None:  # unreadable now: left as stored (a changed file is a task anyway)
+                up = record.up
+            else:
+                up = (decision.rule.decide(decision.evidence)[0] if decision.rule
+                      else alone(np.asarray(decision.evidence), sfx))
+            decided[pid] = decision
+            if up != record.up:
+                needs.setdefault(pid, set()).add(targets[name].encoder.name)
+    for pid, encoders in sorted(needs.items()):
+        file = next(group[pid] for group in ids.values() if pid in group)
+        plan.tasks.append(Task(file, frozenset(encoders), changed=True, up=decided[pid]))
+        reoriented[file.path.suffix.lower()] = reoriented.get(file.path.suffix.lower(), 0) + 1
+        plan.unchanged -= 1
+        plan.updated += 1
     plan.tasks.sort(key=lambda t: t.file.rel_path)
-    turned = sum(1 for pid, d in decided.items()  # against the majority of its own format, where one agrees
-                 if (majority := dataset.majority_of(suffixes[pid])) and d.up != majority)
-    plan.orientation = {"rule": "auto", **dataset.to_payload(), "against_majority": turned,
-                        "reoriented": reoriented}  # unchanged files embedded again (counted in updated)
+    plan.up_rules = (dataset, up_rules)
+    for sfx, group in ids.items():
+        entry = summary.setdefault(sfx, {"objects": len(group)})
+        if sfx in rules:
+            entry.update(up_rules.to_payload()[sfx])
+        else:
+            entry["up"] = "each file alone"
+        if sfx in moved:
+            entry["moved"] = moved[sfx]
+        entry["reoriented"] = reoriented.get(sfx, 0)
+    plan.orientation = {"rule": "auto", "formats": summary, "measured": measured,
+                        "checked": len(decided), "reoriented": sum(reoriented.values())}
+
+
+def _stored_evidence(known: dict[str, dict[str, Stored]], pid: str) -> tuple[float, ...] | None:
+    """The evidence a stored point kept, when today's model made it."""
+    for records in known.values():
+        rec = records.get(pid)
+        if rec is not None and rec.model == EVIDENCE_MODEL and valid_evidence(rec.evidence):
+            return rec.evidence
+    return None
+
+
+def _measure(files: list[MeshFile], max_faces: int, workers: int, into: dict[str, tuple[float, ...]]) -> int:
+    """Measure the files' evidence into `into` (point id -> evidence; unreadable files are left out)."""
+    for file, ev in zip(files, measure_files([f.path for f in files], max_faces, workers)):
+        if ev is not None:
+            into[file.point_id] = tuple(float(x) for x in ev)
+    return len(files)
+
+
+def _settled(rule: Rule | None, stored: DatasetUp | None, suffix: str) -> bool:
+    """Whether a collection's stored rules already pose this format's objects as `rule` does."""
+    if stored is None:
+        return False
+    before = stored.rule_of(suffix)
+    return before is None and rule is None or (rule is not None and rule.same_decisions(before))

@@ -105,7 +105,7 @@ def render(task: Task, context: RenderContext) -> Rendered:
                          on_bytes=lambda data: read.setdefault("hash", bytes_hash(data)))
         result.content_hash = read.get("hash") or content_hash(task.file.path)
         result.vertices, result.faces = len(mesh.vertices), len(mesh.faces)
-        placed = task.up.pose() if task.up is not None else pose(mesh, context.spec.view, suffix=task.file.path.suffix)
+        placed = task.up.pose(mesh) if task.up is not None else pose(mesh, context.spec.view, suffix=task.file.path.suffix)
         result.pose = placed.to_payload()
         views = context.renderer.render(posed(mesh, placed.rotation))
         # an object is kept when one view shows it; only the views that show it are pooled
