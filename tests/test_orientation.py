@@ -258,11 +258,11 @@ def test_a_mixed_library_never_does_worse_than_its_formats_convention(lpsb, tmp_
 
 
 def test_one_new_file_does_not_turn_the_dataset(lpsb, tmp_path):
-    """3 y-up and 2 z-up files agree (just) on y; a third z-up file would tip a rule without memory to
+    """4 y-up and 2 z-up files agree (just) on y; a third z-up file would tip a rule without memory to
     'mixed', so every object would be checked and some turned. The stored rule holds: one file added,
     nothing else embedded again, and the new file takes the dataset's y."""
     root = tmp_path / "tree"
-    for name in ("Chair/101.off", "Chair/103.off", "Chair/108.off"):
+    for name in ("Chair/101.off", "Chair/103.off", "Chair/108.off", "Table/142.off"):
         _write(lpsb, root, name, "y")
     for name in ("Chair/102.off", "Chair/107.off"):
         _write(lpsb, root, name, "z")
@@ -277,7 +277,7 @@ def test_one_new_file_does_not_turn_the_dataset(lpsb, tmp_path):
         assert _poses(session)[new]["up"] == "y"
         stored = DatasetUp.from_record(session.vectors.metadata("m3d_hog_mean", UP_KEY)["tree"])
     rows = list(stored.samples[".off"].values())
-    assert len(rows) == 6 and not decide_rule(rows, ".off", 6)[0].agree  # without the stored rule: mixed
+    assert len(rows) == 7 and not decide_rule(rows, ".off", 7)[0].agree  # without the stored rule: mixed
 
 
 def test_a_rule_that_moves_embeds_again_what_it_turns_and_nothing_else(lpsb, tmp_path):
