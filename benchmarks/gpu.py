@@ -247,12 +247,12 @@ def run_sync(tree: Path, store: Path, specs: list[str], args: argparse.Namespace
     wall = time.perf_counter() - start
     embedded = report.added + report.updated
     images = embedded * options.view.views
-    stream = report.objects_per_s and embedded / report.objects_per_s  # the engine's run, start to last write
+    stream = report.stream_objects_per_s and embedded / report.stream_objects_per_s  # the engine's run, start to last write
     index = sum(report.index_seconds.values())
     stages = report.stages
     return {
         "wall_s": wall, "embedded": embedded, "skipped": len(report.skipped), "collections": report.collections,
-        "objects_per_s": embedded / wall, "stream_objects_per_s": report.objects_per_s,
+        "objects_per_s": embedded / wall, "stream_objects_per_s": report.stream_objects_per_s,
         "images": images, "encode_images_per_s_busy": images / stages.encode if stages.encode else 0.0,
         "encode_images_per_s_stream": images / stream if stream else 0.0,
         "phases_s": {"before_stream": marks.at.get("plan_done_s"), "first_write": marks.at.get("first_write_s"),

@@ -327,3 +327,15 @@ def test_a_cold_query_uses_the_stored_rules_and_old_stores_fall_back_to_the_poin
             assert collection_consensus(session, "m3d_hog_mean").rule_of(".off").up == "x"  # the points' votes
             sync(session, root, OPTIONS)
             assert collection_consensus(session, "m3d_hog_mean").rule_of(".off").up == "z"
+
+
+def test_a_resync_that_changes_nothing_rewrites_no_rules(lpsb, tmp_path):
+    root = tmp_path / "tree"
+    for name in NAMES[:3]:
+        _write(lpsb, root, name, "y")
+    with open_session(tmp_path / "store") as session:
+        sync(session, root, OPTIONS)
+        meta = tmp_path / "store" / "qdrant" / "m3d_hog_mean" / "m3d.json"
+        before = meta.stat().st_mtime_ns, meta.read_text()
+        again = sync(session, root, OPTIONS)
+        assert again.unchanged == 3 and (meta.stat().st_mtime_ns, meta.read_text()) == before

@@ -408,7 +408,7 @@ class DatasetUp:
 
     def to_record(self) -> dict:
         return {"model": EVIDENCE_MODEL, "formats": {
-            sfx: {**asdict(r), "sample": {pid: [round(float(x), 4) for x in ev]
+            sfx: {**asdict(r), "prior": list(r.prior), "sample": {pid: [round(float(x), 4) for x in ev]
                                        for pid, ev in self.samples.get(sfx, {}).items()}}
             for sfx, r in self.formats.items()}}
 

@@ -239,8 +239,9 @@ def save_rules(session: Session, name: str, plan: Plan) -> None:
         return
     dataset, rules = plan.up_rules
     records = session.vectors.metadata(name, UP_KEY)
-    session.vectors.set_metadata(name, UP_KEY, {**(records if isinstance(records, dict) else {}),
-                                                dataset: rules.to_record()})
+    records = records if isinstance(records, dict) else {}
+    if records.get(dataset) != (record := rules.to_record()):  # a re-sync that changed nothing writes nothing
+        session.vectors.set_metadata(name, UP_KEY, {**records, dataset: record})
 
 
 def plan_orientation(plan: Plan, files: list[MeshFile], known: dict[str, dict[str, Stored]],
