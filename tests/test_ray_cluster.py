@@ -6,7 +6,7 @@ Then a ray.cluster_utils.Cluster on this machine (a head and two nodes, each wit
 one advertising a GPU): the encode actor lands on the GPU node (encoding on its CPU: there is no CUDA
 here) and the render actors elsewhere, and the store equals the local engine's; a node removed in the
 middle of a sync loses nothing and the sync converges; every process of the cluster is gone after it.
-Small on purpose: 6 meshes, 4 views of 64 px, one CPU per node."""
+Small on purpose: 6 meshes, 4 views of 128 px, one CPU per node."""
 
 from __future__ import annotations
 
@@ -31,9 +31,9 @@ from m3d.store import open_session
 from helpers import make_tree
 
 CLASSES = {"Airplane": 2, "Chair": 2, "Cup": 2}
-VIEW = ViewSettings(views=4, size=64)
+VIEW = ViewSettings(views=4, size=128)  # 196 KB of views per object: in the object store, not inlined (100 KB)
 ARGS = dict(encoders=("hog",), pools=("mean", "attn"), batch_size=8, view=VIEW)
-CLI = ["--encoders", "hog", "--pools", "mean", "--views", "4", "--size", "64", "--batch-size", "4",
+CLI = ["--encoders", "hog", "--pools", "mean", "--views", "4", "--size", "128", "--batch-size", "4",
        "--engine", "ray", "--workers", "1"]
 
 
@@ -211,6 +211,33 @@ def test_a_node_removed_in_the_middle_of_a_sync_loses_nothing(cluster, tree, ref
         rerun = sync(session, tree, SyncOptions(**ARGS, engine="ray"))
     assert any("node left the cluster" in r.message or "lost with a Ray node" in r.message for r in caplog.records)
     assert rerun.added + rerun.unchanged == 6 and not rerun.skipped
+    _assert_same(_points(tmp_path / "store"), reference)
+
+
+def test_views_lost_with_a_node_are_rendered_again(cluster, tree, reference, tmp_path, monkeypatch, caplog):
+    """The node goes after every object is rendered and before the one batch (64 images: all six objects)
+    is encoded: the views that lived in its object store are gone, the encode call fails on them, the
+    batch is rendered again on the other actors, and the store equals the local engine's."""
+    from m3d.pipeline.engines import ray as engine
+
+    nodes, _, _ = cluster
+    doomed = nodes.add_node(num_cpus=1, object_store_memory=80 << 20)
+    nodes.wait_for_nodes()
+    send = engine._Scheduler._encode
+    removed = []
+
+    def remove_then_send(self, batch, attempt):
+        if not removed:
+            assert doomed.node_id in self.job.tally.report.resources["placement"]["render"]
+            nodes.remove_node(doomed)
+            removed.append(len(batch))
+        send(self, batch, attempt)
+
+    monkeypatch.setattr(engine._Scheduler, "_encode", remove_then_send)
+    with caplog.at_level(logging.WARNING, logger="m3d"), open_session(tmp_path / "store") as session:
+        report = sync(session, tree, SyncOptions(**{**ARGS, "batch_size": 64}, engine="ray"))
+    assert removed == [6] and report.added == 6 and not report.skipped
+    assert any("lost with a Ray node" in r.message for r in caplog.records)
     _assert_same(_points(tmp_path / "store"), reference)
 
 

@@ -306,6 +306,7 @@ class _Scheduler:
         self.suspects: deque[Task] = deque()
         self.batch: list[tuple[Rendered, Any]] = []
         self.encoding: dict[Any, tuple[_Encoder, list, int]] = {}  # ref -> (actor, batch, attempt)
+        self.rerendered: dict[str, int] = {}  # file -> times its views were lost and it was rendered again
         try:
             while self.queued or self.suspects or self.batch or self.encoding or self._rendering():
                 self._dispatch()
@@ -390,6 +391,14 @@ class _Scheduler:
         fresh = self._renderer()
         r.actor, r.node, r.in_flight, r.isolated = fresh.actor, fresh.node, deque(), False
 
+    def _answers(self, encoder: _Encoder) -> bool:
+        """Whether the encode actor is alive (it answers after any batch it is busy with)."""
+        try:
+            self.ray.get(encoder.actor.info.remote())
+            return True
+        except self.ray.exceptions.RayActorError:
+            return False
+
     def _node_alive(self, node_ref) -> bool:
         try:
             node = self.ray.get(node_ref, timeout=0)
@@ -402,17 +411,25 @@ class _Scheduler:
         encoder.busy -= 1
         try:
             points, seconds = self._get(ref, "encode")
-        except self.ray.exceptions.ObjectLostError:  # views on a node that left the cluster: render again
+        except (self.ray.exceptions.RayActorError, self.ray.exceptions.ObjectLostError) as exc:
+            if isinstance(exc, self.ray.exceptions.RayActorError) and not self._answers(encoder):
+                if attempt >= ENCODE_RETRIES:
+                    raise M3DError(f"an encode actor died {attempt + 1} times on one batch; see the Ray logs") from None
+                log.warning("an encode actor died; starting another and sending its batch again")
+                self.ray.kill(encoder.actor)
+                encoder.actor = self.encode_cls.remote(self.job.options)
+                self._encode(batch, attempt + 1)
+                return
+            # the actor is well: its input was lost (views in the object store of a node that left the
+            # cluster; Ray names the loss with the error of whatever made them): render them again
+            tasks = [meta.task for meta, _ in batch]
+            for task in tasks:
+                path = task.file.rel_path
+                self.rerendered[path] = self.rerendered.get(path, 0) + 1
+                if self.rerendered[path] > ENCODE_RETRIES:
+                    raise M3DError(f"the views of {path!r} were lost {ENCODE_RETRIES + 1} times: {exc}") from None
             log.warning("views of %d objects were lost with a Ray node; rendering them again", len(batch))
-            self.queued.extendleft(reversed([meta.task for meta, _ in batch]))
-            return
-        except self.ray.exceptions.RayActorError:
-            if attempt >= ENCODE_RETRIES:
-                raise M3DError(f"an encode actor died {attempt + 1} times on one batch; see the Ray logs") from None
-            log.warning("an encode actor died; starting another and sending its batch again")
-            self.ray.kill(encoder.actor)
-            encoder.actor = self.encode_cls.remote(self.job.options)
-            self._encode(batch, attempt + 1)
+            self.queued.extendleft(reversed(tasks))
             return
         self.job.stats.encode += seconds
         write(points, self.job.writer)
