@@ -190,13 +190,12 @@ def test_a_second_server_or_a_one_shot_command_on_a_served_store_says_busy(serve
         assert done.returncode == 3 and "busy" in done.stderr, done.stderr
 
 
-def test_a_sync_is_handed_to_the_server_and_searching_goes_on(served, lpsb, ckpts) -> None:
-    """`m3d sync` on a served store runs in the server while a client keeps searching: every search
-    answers, and each sees the collection before the new objects' write or after it, never between."""
-    server, root = served["server"], served["root"]
-    more = make_tree(lpsb, root / "more", {"Glasses": 3, "Hand": 2}, split=None)
-    before = server.json("GET", "/api/collections")[1]["collections"]
-    points_before = {c["name"]: c["points"] for c in before}
+def sync_while_querying(served, ckpts, tree: Path, *options: str) -> tuple[subprocess.CompletedProcess, list, dict]:
+    """`m3d sync TREE` on the served store while a client thread keeps listing and searching: the
+    finished command, what the client saw ((status, points per collection) per request), and the
+    points before."""
+    server = served["server"]
+    points_before = {c["name"]: c["points"] for c in server.json("GET", "/api/collections")[1]["collections"]}
     seen: list[tuple[int, dict]] = []
     stop = threading.Event()
 
@@ -211,22 +210,47 @@ def test_a_sync_is_handed_to_the_server_and_searching_goes_on(served, lpsb, ckpt
     thread = threading.Thread(target=client)
     thread.start()
     try:
-        done = subprocess.run([sys.executable, "-m", "m3d.cli", "sync", str(more), "--encoders", f"hog,{ckpts['clip']}",
-                               "--pools", "mean", "--workers", "0", "--precision", "fp32", "--store", str(server.store)],
-                              capture_output=True, text=True, timeout=600)
+        done = subprocess.run([sys.executable, "-m", "m3d.cli", "sync", str(tree), "--encoders", f"hog,{ckpts['clip']}",
+                               "--pools", "mean", "--precision", "fp32", "--store", str(server.store), *options],
+                              capture_output=True, text=True, timeout=900)
     finally:
         stop.set()
         thread.join()
+    return done, seen, points_before
+
+
+def test_a_sync_is_handed_to_the_server_and_searching_goes_on(served, lpsb, ckpts) -> None:
+    """`m3d sync` on a served store runs in the server while a client keeps searching: every search
+    answers, and each sees the collection before the new objects' write or after it, never between."""
+    server = served["server"]
+    more = make_tree(lpsb, served["root"] / "more", {"Glasses": 3, "Hand": 2}, split=None)
+    done, seen, before = sync_while_querying(served, ckpts, more, "--workers", "0")
     assert done.returncode == 0, done.stderr
     assert "served by m3d serve" in done.stderr and "5 meshes: 5 added" in done.stdout
     assert seen and all(status == 200 for status, _ in seen)
     for _, points in seen:
         for name, count in points.items():
-            assert count in (points_before[name], points_before[name] + 5), (name, count)
+            assert count in (before[name], before[name] + 5), (name, count)
     status, facets = server.json("GET", f"/api/collections/{HOG}/facets")
     assert facets["counts"]["Glasses"] == 3 and facets["counts"]["Hand"] == 2
     status, jobs = server.json("GET", "/api/jobs")
     assert jobs["jobs"][0]["state"] == "done" and jobs["jobs"][0]["report"]["added"] == 5
+
+
+@pytest.mark.slow
+def test_a_sync_on_the_ray_engine_is_handed_over_too(served, lpsb, ckpts) -> None:
+    """The same with --engine ray: the server starts a local Ray for the job, searching goes on."""
+    pytest.importorskip("ray", reason="pip install 'm3d[ray]'")
+    server = served["server"]
+    tree = make_tree(lpsb, served["root"] / "ray", {"Bird": 2}, split=None)
+    done, seen, before = sync_while_querying(served, ckpts, tree, "--engine", "ray", "--workers", "1")
+    assert done.returncode == 0, done.stderr
+    assert "2 meshes: 2 added" in done.stdout and "engine: ray" in done.stdout
+    assert seen and all(status == 200 for status, _ in seen)
+    for _, points in seen:
+        for name, count in points.items():
+            assert count in (before[name], before[name] + 2), (name, count)
+    assert server.json("GET", f"/api/collections/{HOG}/facets")[1]["counts"]["Bird"] == 2
 
 
 def test_readers_never_see_half_a_write(lpsb, tmp_path) -> None:
@@ -270,3 +294,42 @@ def test_serve_options_are_safe_by_default() -> None:
     for bad in (dict(token="short"), dict(port=70000), dict(max_upload_mb=0), dict(cors_origins=("example.org",))):
         with pytest.raises(UsageError):
             ServeOptions(**bad)
+
+
+def test_the_guide_curl_examples_run_as_written(served, tmp_path) -> None:
+    """docs/serve.md's curl block, line by line from the repository root, against this server: only its
+    URL is this server's (M3D=...), and the token comes from a .curlrc, so each line is the guide's."""
+    import re
+    import shutil
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    server = served["server"]
+    repo = Path(__file__).resolve().parents[1]
+    guide = (repo / "docs" / "serve.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", guide, re.S) if "curl " in b)
+    lines = [line for line in block.splitlines() if line.startswith("curl ")]
+    assert len(lines) >= 5 and any("search/mesh" in line for line in lines) and any("search/text" in line for line in lines)
+    (tmp_path / ".curlrc").write_text(f'header = "Authorization: Bearer {TOKEN}"\n')
+    env = {"PATH": "/usr/bin:/bin", "CURL_HOME": str(tmp_path), "HOME": str(tmp_path), "M3D": server.url}
+    for line in lines:
+        done = subprocess.run(["bash", "-c", line], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (line, done.stderr)
+        answer = json.loads(done.stdout)
+        assert "error" not in answer, (line, answer)
+
+
+def test_a_handed_over_sync_is_checked_before_it_runs(served) -> None:
+    """With the sync key (what `m3d sync` reads from serve.json): a relative folder, another Qdrant
+    than the server's, or an unknown option is refused with one line, and no job starts."""
+    server = served["server"]
+    key = json.loads((server.store / "serve.json").read_text())["sync_key"]
+    assert oct((server.store / "serve.json").stat().st_mode & 0o777) == "0o600"
+    jobs_before = len(server.json("GET", "/api/jobs")[1]["jobs"])
+    for request, words in (({"root": "meshes"}, "absolute"),
+                           ({"root": "/tmp", "qdrant_url": "http://elsewhere:6333"}, "--qdrant-url"),
+                           ({"root": "/tmp", "options": {"colour": "red"}}, "unknown sync option"),
+                           ({"root": "/tmp", "options": {"pools": ["median"]}}, "unknown pool")):
+        status, answer = server.json("POST", "/api/sync", json.dumps(request).encode(), token=key)
+        assert status == 400 and words in answer["error"], (request, answer)
+    assert len(server.json("GET", "/api/jobs")[1]["jobs"]) == jobs_before

@@ -235,12 +235,12 @@ def sync(
     try:
         session = _session(store, qdrant_url, qdrant_api_key, create=True)
     except StoreBusyError:  # a running `m3d serve` holds the store: it runs the sync while it keeps answering
-        from .serve.handoff import find_server
+        from .serve.handoff import find_server, sync_request
 
         server = find_server(store)
         if server is None:
             raise
-        report, indexes, location = _hand_off(server, root, options, selection, as_json)
+        report, indexes, location = _hand_off(server, sync_request(root, options, selection, qdrant_url), as_json)
         report_path = store / "reports" / "last-sync.json"
     else:
         with session, _progress(as_json) as progress:
@@ -283,10 +283,10 @@ def sync(
     raise typer.Exit(report.exit_status)
 
 
-def _hand_off(server: dict, root: Path, options, selection: dict, quiet: bool):
+def _hand_off(server: dict, request: dict, quiet: bool):
     """Run a sync on the server that holds the store, showing its progress here as a local one would."""
     from .pipeline import StageStats, SyncReport
-    from .serve.handoff import hand_off, sync_request
+    from .serve.handoff import hand_off
 
     if not quiet:
         typer.echo(f"the store is served by m3d serve (pid {server['pid']}) at {server['url']}: the sync runs "
@@ -296,7 +296,7 @@ def _hand_off(server: dict, root: Path, options, selection: dict, quiet: bool):
             if progress and job.get("total"):
                 progress(job["done"], job["total"], SyncReport("", "", [], stages=StageStats(**job["stages"])))
 
-        job = hand_off(server, sync_request(root, options, selection), follow)
+        job = hand_off(server, request, follow)
     data = job["report"]
     indexes = data.pop("indexes", {})
     return SyncReport.from_dict(data), indexes, f"{server['url']} (m3d serve, pid {server['pid']})"
@@ -599,6 +599,7 @@ def serve(
     cors_origin: Annotated[Optional[str], typer.Option(help="Let pages from these origins call the API (comma-separated, e.g. https://example.org). Default: none.")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="The checkpoint directory of a collection synced from a local checkpoint elsewhere.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cuda or cpu for the query encoders. Default: cuda when present.")] = None,
+    threads: Annotated[int, typer.Option(min=1, help="CPU threads per query encode (queries run side by side).")] = 1,
     store: StoreOpt = DEFAULT_STORE,
     qdrant_url: UrlOpt = None,
     qdrant_api_key: KeyOpt = None,
@@ -612,7 +613,7 @@ def serve(
     from .serve.runner import serve as run_server
 
     options = ServeOptions(host=host, port=port, token=token, max_upload_mb=max_upload_mb, max_faces=max_faces,
-                           cors_origins=tuple(_csv(cors_origin) or ()))
+                           cors_origins=tuple(_csv(cors_origin) or ()), threads=threads)
     if options.warning():
         typer.echo(options.warning(), err=True)
     run_server(store, options, url=qdrant_url, api_key=qdrant_api_key, checkpoint=checkpoint, device=device,

@@ -168,8 +168,10 @@ def can_answer_text(session: Session, name: str, checkpoint: Path | None = None)
 
 
 def choose_collection(session: Session, collection: str | None, kind: str = "mesh",
-                      checkpoint: Path | None = None) -> str:
-    """The named collection, or the first mean-pooled one that can answer this kind of query."""
+                      checkpoint: Path | None = None, can_text=None) -> str:
+    """The named collection, or the first mean-pooled one that can answer this kind of query.
+    can_text(name) says whether a collection answers text (default: can_answer_text, read each time)."""
+    can_text = can_text or (lambda name: can_answer_text(session, name, checkpoint))
     names = session.collections()
     if not names:
         raise StoreError(f"{session.vectors.location} has no collections yet: run `m3d sync DIR` first")
@@ -185,14 +187,14 @@ def choose_collection(session: Session, collection: str | None, kind: str = "mes
 
     if collection:
         try:
-            if can_answer_text(session, collection, checkpoint):
+            if can_text(collection):
                 return collection
         except M3DError as exc:
             raise ModelLoadError(f"{collection}: its encoder cannot be read here: {unreadable(collection, exc)}") from None
     able, unknown = [], {}
     for n in names:
         try:
-            if can_answer_text(session, n, checkpoint):
+            if can_text(n):
                 able.append(n)
         except M3DError as exc:
             unknown[n] = unreadable(n, exc)
@@ -246,6 +248,7 @@ class Searcher:
         self._lock = threading.Lock()
         self._states: dict[str, CollectionState] = {}
         self._encoders: dict[str, tuple[object, threading.Lock]] = {}
+        self._text: dict[str, bool] = {}  # encoder spec -> has a text tower (config.json read once)
         self._renderers: dict = {}  # ViewSettings -> renderer, touched only on the render thread
         self._render_thread = ThreadPoolExecutor(1, thread_name_prefix="m3d-render")
 
@@ -267,6 +270,15 @@ class Searcher:
         if not state._consensus:
             state._consensus.append(collection_consensus(self.session, state.name))
         return state._consensus[0]
+
+    def can_text(self, name: str) -> bool:
+        """can_answer_text, read once per encoder (raises ModelLoadError as it does, uncached)."""
+        fp = self.state(name).fingerprint
+        if fp is None:
+            return False
+        if fp.encoder not in self._text:
+            self._text[fp.encoder] = can_answer_text(self.session, name, self.checkpoint)
+        return self._text[fp.encoder]
 
     # -- the warm parts ---------------------------------------------------------------------------
     def encoder(self, fp: Fingerprint):
@@ -331,7 +343,7 @@ class Searcher:
 
         guard = self.session.guard
         with guard.reading():
-            name = choose_collection(self.session, collection, q.kind, self.checkpoint)
+            name = choose_collection(self.session, collection, q.kind, self.checkpoint, self.can_text)
             state = self.state(name)
             fp = state.fingerprint
             if fp is None:

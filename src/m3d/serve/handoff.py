@@ -61,10 +61,11 @@ def find_server(store_dir: Path) -> dict | None:
     return {"url": url, "sync_key": key, "pid": info.get("pid")}
 
 
-def sync_request(root: Path, options, selection: dict) -> dict:
+def sync_request(root: Path, options, selection: dict, qdrant_url: str | None = None) -> dict:
     """What a handed-over sync sends: the folder (absolute: the server has its own working directory),
-    the SyncOptions as parsed here, and the selection (classes, split, per_class, limit, dataset)."""
-    return {"root": str(Path(root).resolve()), "options": asdict(options), **selection}
+    the Qdrant server it means (None: the embedded store), the SyncOptions as parsed here, and the
+    selection (classes, split, per_class, limit, dataset)."""
+    return {"root": str(Path(root).resolve()), "qdrant_url": qdrant_url, "options": asdict(options), **selection}
 
 
 def hand_off(server: dict, request: dict, progress: Callable[[dict], None] | None = None) -> dict:

@@ -46,6 +46,15 @@ def stopping() -> None:
     signal.signal(signal.SIGINT, stop)
 
 
+def reclaim_signals(server) -> None:
+    """After a sync job: give SIGINT/SIGTERM back to uvicorn. Ray's core worker (the ray engine, started
+    in the job's thread) installs its own SIGTERM handler below Python's, and after it a SIGTERM killed
+    the server outright (exit -15, serve.json left behind). Handlers are set on the main thread."""
+    if server.servers:
+        server.servers[0].get_loop().call_soon_threadsafe(
+            lambda: [signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)])
+
+
 def serve(store: Path, options: ServeOptions, *, url: str | None = None, api_key: str | None = None,
           checkpoint: Path | None = None, device: str | None = None,
           say: Callable[[str], None] = print) -> None:
@@ -56,11 +65,14 @@ def serve(store: Path, options: ServeOptions, *, url: str | None = None, api_key
     from .app import create_app
     from .service import Service
 
+    import torch
+
+    torch.set_num_threads(options.threads)
     sock = listen(options)
     port = sock.getsockname()[1]
     try:
         with open_session(store, url=url, api_key=api_key, create=False) as session:
-            service = Service(session, options, checkpoint=checkpoint, device=device)
+            service = Service(session, options, checkpoint=checkpoint, device=device, qdrant_url=url)
             try:
                 service.warm()
                 sync_key = secrets.token_urlsafe(32)
@@ -70,6 +82,7 @@ def serve(store: Path, options: ServeOptions, *, url: str | None = None, api_key
                 config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                         timeout_graceful_shutdown=5)
                 server = uvicorn.Server(config)
+                service.after_job = lambda: reclaim_signals(server)
                 register(session.store_dir, local, sync_key)
                 stopping()
                 try:

@@ -23,14 +23,14 @@ import numpy as np
 from ..connector import Hit, IndexSettings, SearchSettings
 from ..errors import M3DError, NotFoundError, StoreError, UsageError
 from ..schemas import INDEXED_KEYWORDS
-from ..search import Query, QueryResult, Searcher, can_answer_text
+from ..search import Query, QueryResult, Searcher
 from ..store import Session
 from .options import ServeOptions
 from .thumbnails import Thumbnails, png
 
 log = logging.getLogger("m3d")
 
-#: Fields of a handed-over sync request besides the SyncOptions ones (the sync() keyword arguments).
+#: Fields of a handed-over sync request besides root, qdrant_url and the SyncOptions (sync()'s keywords).
 SYNC_SELECTION = ("classes", "split", "per_class", "limit", "dataset")
 
 
@@ -58,9 +58,12 @@ class SyncJob:
 
 class Service:
     def __init__(self, session: Session, options: ServeOptions, *, checkpoint: Path | None = None,
-                 device: str | None = None):
+                 device: str | None = None, qdrant_url: str | None = None):
+        """qdrant_url: the Qdrant server behind the store (None: the embedded one); a handed-over sync
+        must name the same one, or it would write elsewhere than its user asked."""
         self.session = session
         self.options = options
+        self.qdrant_url = qdrant_url
         self.searcher = Searcher(session, checkpoint=checkpoint, device=device, max_faces=options.max_faces,
                                  uploads=True)
         self.thumbnails = Thumbnails(self.searcher, session.store_dir / "thumbnails")
@@ -68,6 +71,7 @@ class Service:
         self._ids = itertools.count(1)
         self._job_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self.after_job = lambda: None  # the runner's: a job may have taken over the process's signals
 
     # -- start and stop ---------------------------------------------------------------------------
     def warm(self) -> None:
@@ -103,7 +107,7 @@ class Service:
                 state = self.searcher.state(name)
                 fp = state.fingerprint
                 try:
-                    text = can_answer_text(self.session, name, self.searcher.checkpoint)
+                    text = self.searcher.can_text(name)
                 except M3DError:
                     text = None  # cannot be told here (its checkpoint is not on this machine)
                 rows.append({"name": name, "points": state.points, "classes": len(state.classes),
@@ -201,6 +205,9 @@ class Service:
 
         if not isinstance(request, dict) or not isinstance(request.get("root"), str):
             raise UsageError("a sync request names its folder: {\"root\": \"/path/to/meshes\", ...}")
+        if request.get("qdrant_url") != self.qdrant_url:
+            raise UsageError(f"this server serves {self.session.vectors.location}, not "
+                             f"{request.get('qdrant_url') or 'the embedded store'}: pass the same --qdrant-url as `m3d serve`")
         root = Path(request["root"])
         if not root.is_absolute():
             raise UsageError(f"the folder of a handed-over sync must be an absolute path, got {root}")
@@ -253,6 +260,7 @@ class Service:
             job.error, job.exit_code, job.state = f"internal error: {type(exc).__name__}: {exc}", 1, "failed"
         finally:
             job.finished = time.time()
+            self.after_job()
 
     def job(self, job_id: int) -> SyncJob:
         if job_id not in self.jobs:
