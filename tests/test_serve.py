@@ -333,3 +333,15 @@ def test_a_handed_over_sync_is_checked_before_it_runs(served) -> None:
         status, answer = server.json("POST", "/api/sync", json.dumps(request).encode(), token=key)
         assert status == 400 and words in answer["error"], (request, answer)
     assert len(server.json("GET", "/api/jobs")[1]["jobs"]) == jobs_before
+
+
+def test_every_store_write_takes_the_write_side() -> None:
+    """A VectorStore method added later that writes must join guard.WRITES, or readers could see half
+    of it: the protocol's methods are either known writes or known reads."""
+    from m3d.connector import VectorStore
+    from m3d.connector.guard import WRITES
+
+    reads = {"collections", "index_info", "physical", "dim", "views", "require_space", "count", "records",
+             "retrieve", "generation", "metadata", "search", "facet", "problems"}
+    methods = {n for n in vars(VectorStore) if not n.startswith("_") and callable(getattr(VectorStore, n))}
+    assert methods - reads == WRITES, methods ^ (reads | WRITES)

@@ -17,7 +17,8 @@ from typing import Iterator
 
 #: VectorStore methods that change what is stored (or the engine's files): they take the write side.
 WRITES = frozenset({"ensure_collection", "optimize", "drop_collection", "begin_rebuild", "publish", "upsert",
-                    "delete", "set_payload", "set_generation", "flush", "repair", "set_aside", "close"})
+                    "delete", "set_payload", "set_generation", "set_metadata", "flush", "repair", "set_aside",
+                    "close"})
 
 
 class ReadWriteLock:
