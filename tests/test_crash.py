@@ -111,9 +111,23 @@ def _sync_with_render_workers(tree: Path, store_dir: Path, *extra: str, stdout: 
     deadline = time.monotonic() + 30
     workers = []
     while len(workers) < count and time.monotonic() < deadline:
-        workers = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        workers = _render_workers(psutil.Process(proc.pid))
         time.sleep(0.05)
     return proc, workers
+
+
+def _render_workers(process) -> list:
+    """The render worker processes of a sync (their command line runs m3d's render worker boot)."""
+    import psutil
+
+    found = []
+    for child in process.children():
+        try:
+            if "m3d.pipeline.engines.local" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:  # ended (or a zombie) meanwhile
+            pass
+    return found
 
 
 def test_a_render_worker_killed_mid_sync_loses_nothing(tree, reference, tmp_path):
@@ -151,3 +165,32 @@ def test_render_workers_exit_when_the_sync_is_killed(tree, tmp_path):
     for p in alive:
         p.kill()
     assert not alive, f"{len(alive)} render workers outlived their parent"
+
+
+@pytest.mark.parametrize("after,delay", [("start", 0.2), ("start", 1.5), ("child", 0.0), ("child", 0.3),
+                                         ("child", 1.0), ("child", 2.5), ("child", 5.0)])
+def test_no_process_outlives_a_sync_killed_while_its_workers_start(tree, tmp_path, after, delay):
+    """kill -9 of the sync `delay` s after it starts, or after its first child process appears (the
+    up-axis evidence processes, then the render workers): booting, importing m3d, making a GL context,
+    measuring, rendering. Nothing it started may survive: killed in start-up, multiprocessing's workers
+    blocked for good on a queue whose write end they hold themselves, with their resource tracker."""
+    import psutil
+
+    cmd = [sys.executable, "-m", "m3d.cli", "sync", str(tree), "--store", str(tmp_path / "store"),
+           *[a if a != "0" else "2" for a in ARGS]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    parent = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 120
+    while after == "child" and not parent.children() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(delay)
+    started = parent.children(recursive=True)
+    assert started or after == "start", "the sync started no process"
+    proc.kill()
+    proc.wait(timeout=30)
+    _, alive = psutil.wait_procs(started, timeout=20)
+    left = [" ".join(p.cmdline())[:120] for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    for p in alive:
+        p.kill()
+    assert not left, f"outlived the sync: {left}"

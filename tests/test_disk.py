@@ -133,3 +133,58 @@ def test_a_write_failing_in_the_last_flush_stops_the_sync_instead_of_hanging(tmp
         writer.join(timeout=30)
         assert not writer.is_alive(), "the writer hung after a failed last flush"
         assert isinstance(writer.error, StoreError)
+
+
+def _manifest(store):
+    """Every file of a store with its size and content digest (byte for byte), and the bytes allocated."""
+    import hashlib
+
+    files = [p for p in sorted(store.rglob("*")) if p.is_file()]
+    return ({str(p.relative_to(store)): (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest()) for p in files},
+            sum(p.stat().st_blocks * 512 for p in files))
+
+
+def _leave_free(where, megabytes):
+    """A filler file that leaves about this much free on the mount."""
+    free = shutil.disk_usage(where).free - megabytes * 2**20
+    filler = where / "filler"
+    subprocess.run(["fallocate", "-l", str(max(free, 0)), str(filler)], check=True)
+    return filler
+
+
+def test_a_sync_refused_for_space_leaves_the_store_byte_for_byte_as_it_was(lpsb, tmp_path, mount):
+    """Opening a shard for writing fills its vector chunks and payload indexes (~48 MB for this one on
+    tmpfs), a new collection takes a shard more: refused before either, nothing of the store changes
+    (no generation moved, no m3d.json, no file grown), and once there is room the same sync finishes."""
+    where, _ = mount
+    tree = make_tree(lpsb, tmp_path / "meshes", {"Cup": 2, "Fish": 2})
+    store = where / "store"
+    assert _m3d("sync", str(tree), *SYNC, "--store", str(store)).returncode == 0
+    before = _manifest(store)
+    filler = _leave_free(where, 30)
+    more = ["--encoders", "hog", "--pools", "mean,max", "--workers", "0"]
+    refused = _m3d("sync", str(tree), *more, "--store", str(store))
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "no space left" in refused.stderr and "this write needs" in refused.stderr, refused.stderr
+    after = _manifest(store)
+    assert after[0] == before[0] and after[1] <= before[1] + (1 << 20)  # not the 48 MB an opened shard fills
+    filler.unlink()
+    done = _m3d("sync", str(tree), *more, "--store", str(store))
+    assert done.returncode == 0, done.stderr
+    assert _points(store) == {"m3d_hog_mean": 4, "m3d_hog_max": 4}
+    assert runner.invoke(app, ["check", "--store", str(store)]).exit_code == 0
+
+
+def test_the_room_a_sync_asks_for_is_the_work_it_has_to_do(lpsb, tmp_path, mount):
+    """With every shard's files already filled, a sync adding one mesh needs a few MB: it runs with 20 MB
+    free (a fixed 64 MB spare refused it, and every sync after it)."""
+    where, _ = mount
+    tree = make_tree(lpsb, tmp_path / "meshes", {"Cup": 2}, copy=True)
+    store = where / "store"
+    assert _m3d("sync", str(tree), *SYNC, "--store", str(store)).returncode == 0
+    assert _m3d("sync", str(tree), *SYNC, "--store", str(store)).returncode == 0  # opened for writing once
+    _leave_free(where, 20)
+    shutil.copyfile(lpsb / "Cup" / "23.off", tree / "Cup" / "train" / "23.off")
+    added = _m3d("sync", str(tree), *SYNC, "--store", str(store), "--json")
+    assert added.returncode == 0, added.stderr
+    assert json.loads(added.stdout)["added"] == 1 and _points(store) == {"m3d_hog_mean": 3}

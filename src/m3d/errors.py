@@ -67,7 +67,7 @@ class StoreError(M3DError):
 
 
 def no_space(path, spare: int = 0) -> StoreError:
-    """The one line for a full disk: where, how much is left, and how much a write keeps spare."""
+    """The one line for a full disk: where, how much is left, and how much the write needs."""
     import shutil
     from pathlib import Path
 
@@ -78,5 +78,5 @@ def no_space(path, spare: int = 0) -> StoreError:
         free = f"{shutil.disk_usage(where).free / 1e6:.0f} MB free"
     except OSError:
         free = "free space unknown"
-    keep = f"; writes keep {spare / 1e6:.0f} MB spare" if spare else ""
+    keep = f"; this write needs {spare / 1e6:.0f} MB" if spare else ""
     return StoreError(f"store {path}: no space left ({free}{keep})")

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
+from .errors import M3DError
 from .render import UP_AXES, ViewSettings
 
 if TYPE_CHECKING:
@@ -496,15 +497,54 @@ def measure(path: Path, max_faces: int) -> np.ndarray | None:
 
 
 def measure_files(paths: list[Path], max_faces: int, workers: int) -> list[np.ndarray | None]:
-    """Evidence of many files, in `workers` spawned processes (0: in this one). No GL is involved."""
+    """Evidence of many files, in `workers` child processes (0: in this one), a few files per message;
+    the children die with this process (m3d.children). No GL is involved."""
     if workers == 0 or len(paths) < 2:
         return [measure(p, max_faces) for p in paths]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    from functools import partial
+    from collections import deque
+    from multiprocessing.connection import wait
 
-    with ProcessPoolExecutor(min(workers, len(paths)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(partial(measure, max_faces=max_faces), paths, chunksize=4))
+    from . import children
+
+    chunks = deque(enumerate(paths[i:i + MEASURE_CHUNK] for i in range(0, len(paths), MEASURE_CHUNK)))
+    done: dict[int, list] = {}
+    pool = [children.start("m3d.orientation:_measure_serve") for _ in range(min(workers, len(chunks)))]
+    busy: dict = {}  # connection -> (chunk number, its files)
+    try:
+        for _, conn in pool:
+            if chunks:
+                number, chunk = busy[conn] = chunks.popleft()
+                conn.send((chunk, max_faces))
+        while busy:
+            for conn in wait(list(busy)):
+                number, chunk = busy.pop(conn)
+                try:
+                    done[number] = conn.recv()
+                except (EOFError, OSError):
+                    raise M3DError(f"an up-axis evidence process died measuring {', '.join(map(str, chunk))}") from None
+                if chunks:
+                    busy[conn] = chunks.popleft()
+                    conn.send((busy[conn][1], max_faces))
+    finally:
+        for process, conn in pool:
+            children.stop(process, conn, clean=not busy)
+    return [evidence for number in sorted(done) for evidence in done[number]]
+
+
+MEASURE_CHUNK = 8  # files per message to an evidence process
+
+
+def _measure_serve(conn) -> None:
+    """An evidence process (m3d.children): measure each list of files it is sent until told to stop."""
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        if job is None:
+            return
+        files, max_faces = job
+        conn.send([measure(p, max_faces) for p in files])
 
 
 def scanned_consensus(points: Iterable[tuple[str, dict]]) -> DatasetUp | None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .connector import VECTOR_PAGE, VectorStore, open_store
+from .connector import VECTOR_PAGE, VectorStore, open_store, write_bytes
 from .connector.exact import MISSING, ExactIndex, path_of
 from .connector.guard import Guarded, ReadWriteLock
 from .connector.lock import StoreLock
@@ -91,6 +91,8 @@ class Session:
         collection's (n, views, dim) as flat rows)."""
         with self.guard.writing():
             index = self.exact(name)
+            # before the generation moves: a write refused for space leaves FAISS describing the collection
+            self.vectors.require_space(write_bytes(len(ids), np.asarray(vectors).size * 4) + index.growth_bytes(len(ids)))
             token = self._advance(name)
             self.vectors.upsert(name, ids, vectors, payloads)
             index.upsert(ids, vectors)
@@ -102,6 +104,7 @@ class Session:
             return
         with self.guard.writing():
             index = self.exact(name)
+            self.vectors.require_space(write_bytes(len(ids), 0))
             token = self._advance(name)
             self.vectors.delete(name, ids)
             index.remove(ids)

@@ -88,6 +88,12 @@ DEFAULT_INDEX = IndexSettings(hnsw_m=16, hnsw_ef_construct=100, index_threshold=
                               on_disk=False, shards=1, replication_factor=1, write_consistency=1)
 
 
+def write_bytes(points: int, vector_bytes: int) -> int:
+    """Disk a write of points may take: their vectors in the segment and in the WAL, each point's
+    payload, id tracker and WAL entry (4 KB, generously)."""
+    return 2 * (vector_bytes + points * 4096)
+
+
 @dataclass(frozen=True)
 class SearchSettings:
     """Search-time settings: they change how Qdrant answers, never what it holds."""

@@ -28,13 +28,16 @@ import numpy as np
 
 from ..errors import StoreBusyError, StoreError, no_space
 from ..schemas import INDEXED_KEYWORDS
-from . import PAGE, VECTOR_PAGE, VERSION, Hit, IndexInfo, IndexSettings, Record, SearchSettings, multi_score, shape_text
+from . import (PAGE, VECTOR_PAGE, VERSION, Hit, IndexInfo, IndexSettings, Record, SearchSettings, multi_score,
+               shape_text, write_bytes)
 
-#: Room every write leaves free. The engine grows its files in 32 MB memory-mapped chunks, and a page
-#: the disk cannot hold kills the process with SIGBUS (nothing to catch, nothing printed): refuse first.
-SPARE_BYTES = 64 << 20
-#: Bytes a point costs on disk beyond its vector (payload, WAL entry, id tracker), generously.
-POINT_OVERHEAD = 4096
+#: A page the disk cannot hold kills the process with SIGBUS (nothing to catch, nothing printed), so
+#: every write is refused first unless what it needs fits: its points (write_bytes), the holes of the
+#: shard files the engine fills when it opens a shard for writing (measured on tmpfs: opening a 4-point
+#: shard filled 48 MB of its payload files), a new shard (measured: 7 MB with its payload indexes) and
+#: this margin for m3d's own small files.
+MARGIN_BYTES = 8 << 20
+NEW_SHARD_BYTES = 16 << 20
 META_PREFIX = "m3d_"  # keys of set_metadata in m3d.json, apart from the store's own (dim, index, generation)
 ALIASES = "aliases.json"  # collection name -> the version directory readers use
 T = TypeVar("T")
@@ -265,14 +268,16 @@ class EdgeStore:
         return json.loads(self._meta_path(name).read_text())
 
     def require_space(self, need: int = 0) -> None:
-        """Refuse a write (one line, nothing touched) unless need bytes fit and SPARE_BYTES stay free."""
+        """Refuse a write (one line, nothing touched) unless need bytes and MARGIN_BYTES fit."""
         where = self.root if self.root.exists() else self.root.parent
+        while not where.exists() and where != where.parent:
+            where = where.parent
         try:
             free = shutil.disk_usage(where).free
         except OSError:
             return  # nothing to measure yet: the write itself will say what is wrong
-        if free < need + SPARE_BYTES:
-            raise no_space(self.root.parent, SPARE_BYTES)
+        if free < need + MARGIN_BYTES:
+            raise no_space(self.root.parent, need + MARGIN_BYTES)
 
     def _write_meta(self, name: str, meta: dict) -> None:
         """Atomically and durably: the generation must be on disk before the shard changes."""
@@ -309,7 +314,7 @@ class EdgeStore:
                 raise StoreError(f"collection {name} was created with other index settings "
                                  f"({'; '.join(differences)}); run again with --rebuild to re-create it")
         else:
-            self.require_space()
+            self.require_space(NEW_SHARD_BYTES)  # before m3d.json: a refused sync leaves nothing behind
             multi = {} if views is None else {"views": views}
             self._write_meta(name, {"dim": dim, **multi, "distance": "cosine", "index": settings.resolved().to_dict()})
         self._index_payload(name)  # before any point; also brings back indexes lost with a segments/ directory
@@ -400,11 +405,13 @@ class EdgeStore:
         try:
             if path.exists() and any(path.iterdir()):
                 _check_segments(name, path)
+                if self.write:
+                    self.require_space(_fill_bytes(path))
                 openable = self._openable(name, path)
                 with _quiet_engine():
                     shard = q.EdgeShard.load(str(openable))
             else:
-                self.require_space()  # a shard is created for writing: refused before anything exists
+                self.require_space(NEW_SHARD_BYTES)  # refused before anything exists
                 config = _config(q, dim, self.settings(name), self.views(name))
                 with _quiet_engine():
                     shard = q.EdgeShard.create(str(path), config)
@@ -422,7 +429,8 @@ class EdgeStore:
         store cannot be written (a read-only mount, a published store) or its disk is full, since the
         engine writes to its files even to open them (on a full disk: SIGBUS). Holes stay holes: the
         engine's 32 MB mmap files are mostly empty."""
-        if self.write or (os.access(path, os.W_OK) and shutil.disk_usage(path).free >= SPARE_BYTES):
+        if self.write or (os.access(path, os.W_OK) and
+                          shutil.disk_usage(path).free >= _fill_bytes(path) + MARGIN_BYTES):
             return path
         scratch = Path(tempfile.mkdtemp(prefix=f"m3d-readonly-{name}-"))
         self._copies[name] = scratch
@@ -448,7 +456,7 @@ class EdgeStore:
     def upsert(self, name: str, ids: list[str], vectors: np.ndarray, payloads: list[dict]) -> None:
         q = _engine()
         vectors = np.asarray(vectors, dtype=np.float32)
-        self.require_space(2 * (vectors.nbytes + len(ids) * POINT_OVERHEAD))  # segment + WAL
+        self.require_space(write_bytes(len(ids), vectors.nbytes))
         points = [q.Point(pid, vec, payload) for pid, vec, payload in zip(ids, vectors.tolist(), payloads)]
         self._update(name, q.UpdateOperation.upsert_points(points))
 
@@ -584,6 +592,24 @@ def _mappings_damage(data: bytes, versions: Path) -> str | None:
     if highest >= 2 * (inserts + known) + 1024:
         return f"names internal id {highest} for a segment of {inserts} inserted points"
     return None
+
+
+def _fill_bytes(shard: Path) -> int:
+    """What opening a shard for writing may allocate: the holes of its vector chunks and payload
+    indexes, which the engine fills as it opens them (measured on tmpfs; its WAL and payload pages
+    fill only as points are written, which write_bytes counts)."""
+    holes = 0
+    for folder, dirs, files in os.walk(shard):
+        dirs[:] = [d for d in dirs if d not in ("wal", "payload_storage")]
+        if "vector_storage" not in folder and "payload_index" not in folder:
+            continue
+        for name in files:
+            try:
+                st = os.stat(os.path.join(folder, name))
+            except OSError:
+                continue
+            holes += max(0, st.st_size - st.st_blocks * 512)
+    return holes
 
 
 def _copy_sparse(src: str, dst: str) -> None:

@@ -208,6 +208,13 @@ class ExactIndex:
         self._keys = keys[self._key_rows]
         self._lookup = {}
 
+    def growth_bytes(self, rows: int) -> int:
+        """Disk that adding rows may take first: a grown copy of the whole file (see _reserve)."""
+        if self._path is None or self._n + rows <= self._capacity:
+            return 0
+        capacity = max(self._n + rows, 2 * self._capacity)
+        return HEADER + capacity * (ID.itemsize + 4 * self._dim)
+
     def _reserve(self, rows: int) -> None:
         """Room for `rows` rows: a larger file holding the same rows (streamed copy), swapped in. A copy
         that fails (a full disk) leaves the index and its file as they were, and no partial file."""

@@ -4,13 +4,13 @@
                --[this thread: embed(batch spanning many objects)]--> Points --[writer thread]--> store
 
 Each render process builds one RenderContext (one GL context) at start and renders the tasks it is
-sent over its own pipe, so the engine knows which tasks were on a worker that died: they are retried,
-each alone on a worker, and a task that kills its worker while alone is skipped with a reason.
+sent over its own socket, so the engine knows which tasks were on a worker that died: they are retried,
+each alone on a worker, and a task that kills its worker while alone is skipped with a reason. A render
+process dies with the sync in any state, start-up included (m3d.children).
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import queue
 import threading
@@ -19,6 +19,7 @@ from collections import deque
 from multiprocessing.connection import Connection, wait
 from typing import Iterator
 
+from ... import children
 from ...errors import M3DError
 from ..plan import RenderSpec, Task
 from ..stages import RenderContext, Rendered, embed, render, write
@@ -92,12 +93,14 @@ def render_stream(tasks: list[Task], spec: RenderSpec, workers: int, window: int
         pool.close()
 
 
-def serve(spec: RenderSpec, conn: Connection) -> None:
-    """A render process: build the context once, then render each task it is sent until told to stop
-    or until its parent is gone (the pipe closes). A sender thread writes results while the next task
-    renders, so a worker never waits for the parent to read."""
+def serve(conn: Connection) -> None:
+    """A render process (m3d.children): build the context once, then render each task it is sent until
+    told to stop or until its parent is gone (the socket closes). A sender thread writes results while
+    the next task renders, so a worker never waits for the parent to read."""
     try:
-        context = RenderContext(spec)
+        context = RenderContext(conn.recv())
+    except (EOFError, OSError):  # the parent is gone
+        return
     except Exception as exc:  # no renderer on this machine: the parent stops the sync with this line
         conn.send(f"{type(exc).__name__}: {exc}")
         return
@@ -128,32 +131,37 @@ def _send_all(outbox: queue.Queue, conn: Connection) -> None:
 
 
 class _Worker:
-    """One render process, its pipe, and the tasks sent to it and not yet answered (in order)."""
+    """One render process, its socket, and the tasks sent to it and not yet answered (in order)."""
 
     def __init__(self, spec: RenderSpec):
-        ctx = multiprocessing.get_context("spawn")  # GL contexts do not survive fork
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=serve, args=(spec, child), name="m3d-render", daemon=True)
-        self.process.start()
-        child.close()
+        self.process, self.conn = children.start("m3d.pipeline.engines.local:serve")
+        self.gone = False  # its socket closed: the process has ended or is ending
         self.in_flight: deque[Task] = deque()
         self.isolated = False  # running one suspect alone: if it dies now, that task killed it
+        try:
+            self.conn.send(spec)
+        except OSError:
+            self.gone = True
+
+    def alive(self) -> bool:
+        return not self.gone and self.process.poll() is None
 
     def send(self, task: Task) -> None:
         self.in_flight.append(task)  # first: a task sent to a dying worker is retried, never lost
         try:
             self.conn.send(task)
         except OSError:
-            pass  # the worker died; its sentinel says so and its tasks are retried
+            self.gone = True  # the worker died; its tasks are retried
 
     def receive(self) -> Iterator[Rendered]:
         """Results that have arrived, without blocking."""
-        while True:
+        while not self.gone:
             try:
                 if not self.conn.poll():
                     return
                 item = self.conn.recv()
             except (EOFError, OSError):
+                self.gone = True
                 return
             if isinstance(item, str):
                 raise M3DError(f"render worker could not start: {item}")
@@ -163,18 +171,7 @@ class _Worker:
             yield item
 
     def stop(self, clean: bool) -> None:
-        if clean:
-            try:
-                self.conn.send(None)
-            except OSError:
-                pass
-        else:
-            self.process.terminate()
-        self.process.join(timeout=10)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-        self.conn.close()
+        children.stop(self.process, self.conn, clean=clean)
 
 
 class _RenderPool:
@@ -187,10 +184,10 @@ class _RenderPool:
         suspects: deque[Task] = deque()  # in flight on a worker that died: retried one at a time
         while queued or suspects or any(w.in_flight for w in self.workers):
             dispatch(self.workers, queued, suspects, window, 0, _Worker.send)
-            wait([w.conn for w in self.workers] + [w.process.sentinel for w in self.workers])
+            wait([w.conn for w in self.workers])  # a result, or the end of the socket of a worker that died
             for i, worker in enumerate(self.workers):
                 yield from worker.receive()
-                if worker.process.is_alive():
+                if worker.alive():
                     continue
                 yield from worker.receive()  # whatever it sent before it died
                 skip = worker_died(worker, list(worker.in_flight), suspects)
