@@ -9,7 +9,7 @@ PY      := $(VENV)/bin/python
 M3D     := $(VENV)/bin/m3d
 DATA    ?= $(wildcard ../shared/datasets/lpsb)
 STORE   ?= .m3d
-ENCODERS ?= hog
+ENCODERS ?= gradhist
 # torch is pinned first: an open torch requirement in a fresh environment pulls a 3 GB CUDA build.
 # On a CUDA machine install the CUDA torch build of your choice into $(VENV) before `make`.
 TORCH   ?= torch==2.13.0

@@ -28,9 +28,9 @@ DEDUP_SAMPLES = 4000
 
 app = typer.Typer(
     help="Turn 3D meshes into search vectors and keep them in Qdrant.\n\n"
-    "  m3d sync ./ModelNet40 --encoders hog     ingest a folder (<class>/[<split>/]<name>.off)\n\n"
-    "  m3d query chair.off --k 5                nearest objects to a mesh\n\n"
-    "  m3d eval                                 precision per collection, Qdrant vs FAISS recall",
+    "  m3d sync ./ModelNet40 --encoders gradhist  ingest a folder (<class>/[<split>/]<name>.off)\n\n"
+    "  m3d query chair.off --k 5                  nearest objects to a mesh\n\n"
+    "  m3d eval                                   precision per collection, Qdrant vs FAISS recall",
     no_args_is_help=True,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
@@ -170,7 +170,7 @@ def _print(obj) -> None:
 @friendly
 def sync(
     root: Annotated[Path, typer.Argument(help="Folder of meshes: <class>/<split>/<name>.off or <class>/<name>.off")],
-    encoders: Annotated[str, typer.Option(help="Comma-separated: clip, dinov2, hog (weight-free), a Hugging Face id or a local checkpoint directory.")] = "clip,dinov2",
+    encoders: Annotated[str, typer.Option(help="Comma-separated: clip, dinov2, gradhist or hog (weight-free), a Hugging Face id or a local checkpoint directory.")] = "clip,dinov2",
     pools: Annotated[str, typer.Option(help="Comma-separated pools: mean, max, attn, views (every view kept as one multivector, matched by MaxSim).")] = "mean,max,attn",
     views: ViewsOpt = 8,
     elevation: ElevationOpt = None,
@@ -628,7 +628,7 @@ def samples(
     seed: int = 0,
 ):
     """Write a small synthetic dataset (primitive shapes in 6 classes, ModelNet layout) to try m3d
-    without downloading anything: m3d samples ./shapes && m3d sync ./shapes --encoders hog"""
+    without downloading anything: m3d samples ./shapes && m3d sync ./shapes --encoders gradhist"""
     from .samples import write_samples
 
     paths = write_samples(output, per_class=per_class, seed=seed)

@@ -4,7 +4,8 @@
 - ``hub``: where a checkpoint comes from (hub id, local directory, HF cache) and the identity that is
   stored, which is never a local path.
 - ``device``: device, precision and batch-size choice; ``preprocess``: the checkpoint's image processor
-  as tensor ops; ``hf``: checkpoint encoders (image and text towers); ``hog``: the weight-free encoder.
+  as tensor ops; ``hf``: checkpoint encoders (image and text towers); ``hog`` and ``gradhist``: the
+  weight-free encoders (gradhist: the better descriptor; hog: kept as it was, for the stores it made).
 
 Heavy imports (torch, transformers, huggingface_hub) happen inside functions, so importing this
 package (and the CLI) stays instant.
@@ -19,13 +20,14 @@ from m3d.errors import ModelLoadError
 from .base import Encoder, TextEncoder
 from .device import (PRECISIONS, choose_batch_size, cpu_has_fast_bf16, resolve_device, resolve_precision,
                      runnable_precision)
+from .gradhist import GRADHIST_AUTO_BATCH, GradHistEncoder, GradHistParams
 from .hog import HOG_AUTO_BATCH, HogEncoder, HogParams, hog_descriptor
 from .hub import identified, is_local_id, local_name, read_config, resolve_source, slug
 from .preprocess import Preprocess, resize_uint8
 from .registry import ALIASES, FAMILIES, Family, family_for_model_type
 
 __all__ = [
-    "ALIASES", "FAMILIES", "PRECISIONS", "Encoder", "Family", "HogParams", "ModelLoadError", "Preprocess",
+    "ALIASES", "FAMILIES", "PRECISIONS", "Encoder", "Family", "GradHistParams", "HogParams", "ModelLoadError", "Preprocess",
     "TextEncoder", "cpu_has_fast_bf16", "family_of", "hog_descriptor", "is_local_id", "load_encoder",
     "resize_uint8", "resolve_device", "resolve_precision", "runnable_precision", "slug",
 ]
@@ -35,8 +37,9 @@ def family_of(spec: str, *, checkpoint: str | Path | None = None) -> Family:
     """The family of an encoder spec without loading weights (config.json only): what it can do."""
     spec = spec.strip()
     target = ALIASES.get(spec, spec)
-    if target.startswith("hog:"):
-        return FAMILIES["hog"]
+    for weight_free in ("hog", "gradhist"):
+        if target.startswith(f"{weight_free}:"):
+            return FAMILIES[weight_free]
     if is_local_id(target):
         if checkpoint is None:
             raise ModelLoadError(_no_checkpoint_message(target))
@@ -58,7 +61,8 @@ def load_encoder(
     batch_size: int | None = None,
     checkpoint: str | Path | None = None,
 ) -> Encoder:
-    """An encoder by name (``ALIASES``: clip, dinov2, hog), ``hog:...`` spec, hub id or checkpoint dir.
+    """An encoder by name (``ALIASES``: clip, dinov2, hog, gradhist), ``hog:...`` or ``gradhist:...`` spec,
+    hub id or checkpoint dir.
 
     A stored local identity (``local:<name>@sha256:<digest>``, a fingerprint's ``encoder``) loads from
     ``checkpoint``, the directory holding those weights; other weights there are refused.
@@ -78,6 +82,13 @@ def load_encoder(
         hog_name = name or ("hog" if params == HogParams() else slug(params.spec))
         return HogEncoder(params, name=hog_name, spec=spec, device=dev,
                           batch_size=choose_batch_size(batch_size, dev, HOG_AUTO_BATCH))
+    if target.startswith("gradhist:"):
+        gh_params, digest = GradHistParams.parse(target)
+        dev = resolve_device(device)
+        resolve_precision(precision, dev)  # validated; gradhist always runs in fp32
+        return GradHistEncoder(gh_params, name=name or ("gradhist" if gh_params == GradHistParams() else slug(gh_params.spec)),
+                               spec=spec, device=dev, digest=digest,
+                               batch_size=choose_batch_size(batch_size, dev, GRADHIST_AUTO_BATCH))
 
     expected = None
     if is_local_id(target):

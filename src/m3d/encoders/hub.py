@@ -95,7 +95,7 @@ def offline_message(hub_id: str) -> str:
     return (
         f"weights for {hub_id} are not available offline{hint} (not in the Hugging Face cache, hub not "
         f"reachable): run `huggingface-cli download {hub_id}` on a connected machine, point --encoders at a "
-        "local checkpoint directory, or use the weight-free encoder `hog`"
+        "local checkpoint directory, or use a weight-free encoder: `gradhist` (or `hog`)"
     )
 
 

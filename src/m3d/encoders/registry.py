@@ -3,7 +3,7 @@
 Every family encodes images (rendered views, and photos for ``query --image``); a family with a
 ``text`` tower also encodes sentences into the same space (``query --text``). Hugging Face checkpoint
 families are recognised by their ``config.json`` ``model_type``; the weight-free ``hog`` family needs
-no checkpoint. A new checkpoint family (SigLIP, OpenCLIP exported to transformers) is one entry in
+no checkpoint, nor does ``gradhist`` (its whitening ships with the package). A new checkpoint family (SigLIP, OpenCLIP exported to transformers) is one entry in
 ``FAMILIES``: its model types, the transformers classes of its towers, and how to read one vector.
 """
 
@@ -65,6 +65,7 @@ FAMILIES: dict[str, Family] = {
                           _clip_dim),
     "dinov2": Family("dinov2", ("dinov2",), "Dinov2Model", _dinov2_embed, lambda cfg: int(cfg.hidden_size)),
     "hog": Family("hog", (), None, None, None),
+    "gradhist": Family("gradhist", (), None, None, None),
 }
 
 # Named encoders. A name that is a key here wins over a same-named directory (use ./clip for that).
@@ -72,6 +73,7 @@ ALIASES: dict[str, str] = {
     "clip": "openai/clip-vit-base-patch32",
     "dinov2": "facebook/dinov2-base",
     "hog": "hog:ppc8-cpb2-o9-s64",
+    "gradhist": "gradhist:s128-g16.8-sil8-o8-w128p25",
 }
 
 
