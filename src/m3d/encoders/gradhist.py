@@ -55,8 +55,10 @@ class GradHistParams:
 
     def __post_init__(self) -> None:
         grids = (self.fine, self.coarse, self.sil)
-        if min(*grids, self.bins, self.size) < 1 or any(self.size % g for g in grids) or self.bins < 2:
-            raise ModelLoadError(f"invalid gradhist parameters {self}: every grid must divide the size")
+        if (min(*grids, self.bins, self.size) < 1 or self.bins < 2 or any(self.size % (2 * g) for g in grids)
+                or self.fine % self.coarse):
+            raise ModelLoadError(f"invalid gradhist parameters {self}: twice every grid must divide the size, "
+                                 "and the coarse grid the fine one")
         if self.dim < 0 or not 0.0 <= self.power <= 1.0:
             raise ModelLoadError(f"invalid gradhist whitening {self}: dim >= 0, power in [0, 1]")
 
@@ -85,7 +87,8 @@ class GradHistParams:
 
 def _orientation_maps(x: torch.Tensor, bins: int) -> torch.Tensor:
     """(N, 1, H, W) -> (N, bins, H, W): central-difference gradient magnitude, linearly shared between
-    the two nearest of ``bins`` signed orientation bins (no scatter: deterministic on every device)."""
+    the two nearest of ``bins`` signed orientation bins. Each call below writes every target slot at
+    most once (a pixel's two bins differ), so the result is deterministic on every device."""
     import torch
 
     gx = torch.zeros_like(x)
@@ -93,20 +96,30 @@ def _orientation_maps(x: torch.Tensor, bins: int) -> torch.Tensor:
     gx[..., :, 1:-1] = x[..., :, 2:] - x[..., :, :-2]
     gy[..., 1:-1, :] = x[..., 2:, :] - x[..., :-2, :]
     magnitude = torch.hypot(gx, gy)
-    position = torch.remainder(torch.atan2(gy, gx), 2 * math.pi) * (bins / (2 * math.pi))  # [0, bins)
-    centres = torch.arange(bins, dtype=x.dtype, device=x.device).view(1, bins, 1, 1)
-    distance = torch.remainder(position - centres + bins / 2, bins) - bins / 2  # circular, in bins
-    return magnitude * (1.0 - distance.abs()).clamp_min(0.0)
+    position = torch.remainder(torch.atan2(gy, gx), 2 * math.pi) * (bins / (2 * math.pi))  # [0, bins]
+    low = position.floor()
+    upper_share = position - low
+    low = low.long().remainder_(bins)  # 2 pi itself (float rounding) folds onto bin 0
+    maps = torch.zeros((x.shape[0], bins, *x.shape[-2:]), dtype=x.dtype, device=x.device)
+    maps.scatter_(1, low, magnitude * (1.0 - upper_share))
+    return maps.scatter_add_(1, (low + 1).remainder_(bins), magnitude * upper_share)
 
 
-def _cells(maps: torch.Tensor, grid: int) -> torch.Tensor:
-    """Mean of each map over a ``grid`` x ``grid`` layout of windows twice the stride, square-rooted
-    and L2-normalised over the whole part: (N, bins, H, W) -> (N, bins * grid * grid)."""
+def _cells(maps: torch.Tensor, grids: tuple[int, ...]) -> list[torch.Tensor]:
+    """Mean of each map over a ``grid`` x ``grid`` layout of windows twice the stride (zero beyond the
+    border), square-rooted and L2-normalised per grid: (N, bins, H, W) -> [(N, bins * grid * grid)].
+    Computed as means over half-stride blocks (one pass over the pixels), then over 4 x 4 of those."""
     import torch.nn.functional as F
 
-    stride = maps.shape[-1] // grid
-    pooled = F.avg_pool2d(maps, 2 * stride, stride=stride, padding=stride // 2, count_include_pad=True)
-    return F.normalize(pooled[..., :grid, :grid].sqrt().flatten(1), dim=1)
+    size = maps.shape[-1]
+    finest = max(grids)
+    half = F.avg_pool2d(maps, size // (2 * finest))  # (N, bins, 2 * finest, 2 * finest)
+    out = []
+    for grid in grids:
+        blocks = half if grid == finest else F.avg_pool2d(half, finest // grid)
+        pooled = F.avg_pool2d(blocks, 4, stride=2, padding=1, count_include_pad=True)
+        out.append(F.normalize(pooled.sqrt().flatten(1), dim=1))
+    return out
 
 
 def raw_histograms(gray: torch.Tensor, silhouette: torch.Tensor, params: GradHistParams) -> torch.Tensor:
@@ -114,10 +127,9 @@ def raw_histograms(gray: torch.Tensor, silhouette: torch.Tensor, params: GradHis
     import torch
     import torch.nn.functional as F
 
-    shading = _orientation_maps(gray, params.bins)
-    outline = _orientation_maps(silhouette, params.bins)
-    parts = [_cells(shading, params.fine), _cells(shading, params.coarse), _cells(outline, params.sil)]
-    return F.normalize(torch.cat(parts, dim=1), dim=1)
+    fine, coarse = _cells(_orientation_maps(gray, params.bins), (params.fine, params.coarse))
+    (outline,) = _cells(_orientation_maps(silhouette, params.bins), (params.sil,))
+    return F.normalize(torch.cat([fine, coarse, outline], dim=1), dim=1)
 
 
 @dataclass(frozen=True)
