@@ -57,10 +57,15 @@ def _native_copies(files: list[Path], pairs: set[tuple[str, str]], root: Path) -
     return out
 
 
-def build_tree(dataset: Path, root: Path, originals: int, seed: int) -> tuple[list[str], dict[str, tuple[str, str]]]:
-    """Symlinks of every mesh under root; planted copies of `originals` meshes spread over the classes.
-    Returns the original relative paths and {copy path: (original path, kind)}."""
+def build_tree(dataset: Path, root: Path, originals: int, seed: int, classes: int | None = None
+               ) -> tuple[list[str], dict[str, tuple[str, str]]]:
+    """Symlinks of every mesh under root (of `classes` seeded classes, whole, if given); planted copies
+    of `originals` of them. Returns the original relative paths and {copy path: (original, kind)}."""
     files = sorted(p for p in dataset.rglob("*") if p.suffix.lower() in MESH_EXTENSIONS and p.is_file())
+    if classes is not None:
+        names = sorted({p.relative_to(dataset).parts[0] for p in files})
+        keep = set(np.random.default_rng(seed).choice(names, size=min(classes, len(names)), replace=False))
+        files = [p for p in files if p.relative_to(dataset).parts[0] in keep]
     rel = [str(p.relative_to(dataset)) for p in files]
     for p, r in zip(files, rel):
         (root / r).parent.mkdir(parents=True, exist_ok=True)
@@ -88,8 +93,9 @@ def run(dataset: Path, work: Path, args) -> dict:
     from m3d.store import open_session
 
     tree = work / dataset.name
-    originals, planted = build_tree(dataset, tree, args.originals, args.seed)
-    options = SyncOptions(encoders=("hog",), pools=("mean",), workers=args.workers, view=ViewSettings(up="y"))
+    originals, planted = build_tree(dataset, tree, args.originals, args.seed, args.classes)
+    view = ViewSettings(align="pca") if args.align == "pca" else ViewSettings(up="y")
+    options = SyncOptions(encoders=("hog",), pools=("mean",), workers=args.workers, view=view)
     start = time.perf_counter()
     with open_session(work / f"store-{dataset.name}") as session:
         sync(session, tree, options)
@@ -151,7 +157,7 @@ def run(dataset: Path, work: Path, args) -> dict:
             "closest_rejected_same_class": [{"hausdorff": h, "a": a, "b": b} for h, a, b in same_class[:10]],
             "cost": result.cost, "sync_seconds": round(sync_seconds, 1), "dedup_seconds": round(dedup_seconds, 1),
             "load": [round(load_before, 1), round(load_after, 1)], "tenfold": tenfold,
-            "settings": {"candidates": args.candidates, "min_cosine": args.min_cosine, "originals": args.originals,
+            "settings": {"classes": args.classes, "align": args.align, "candidates": args.candidates, "min_cosine": args.min_cosine, "originals": args.originals,
                          "seed": args.seed, "near": result.options.near, "samples": result.options.samples}}
 
 
@@ -209,6 +215,9 @@ def main() -> None:
     parser.add_argument("--min-cosine", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--classes", type=int, default=None, help="only this many (seeded) classes, each whole")
+    parser.add_argument("--align", choices=("none", "pca"), default="pca",
+                        help="the proposing HOG collection's pose: pca (turned copies render alike) or none (+y up)")
     parser.add_argument("--tenfold", action="store_true", help="also time dedup on a 10x symlink tree of each")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "dedup")
     args = parser.parse_args()

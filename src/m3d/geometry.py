@@ -83,17 +83,50 @@ class Shape:
         scene.add_triangles(o3d.core.Tensor(self.vertices), o3d.core.Tensor(self.faces.astype(np.uint32)))
         return scene
 
-    def distance(self, points: np.ndarray) -> np.ndarray:
-        import open3d as o3d
-
-        return self.surface.compute_distance(o3d.core.Tensor(points.astype(np.float32))).numpy().astype(np.float64)
-
     def closest(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The closest surface point to each point, and the normal of its triangle."""
+        """The closest surface point to each point, and its triangle's unit normal. Open3D's BVH picks
+        the triangle; the point on it is computed here in float64: Open3D's own answer, in float32, was
+        measured 1.8e-4 of the radius off a sample lying on a thin LPSB triangle (Cup/38)."""
         import open3d as o3d
 
         hit = self.surface.compute_closest_points(o3d.core.Tensor(points.astype(np.float32)))
-        return hit["points"].numpy().astype(np.float64), hit["primitive_normals"].numpy().astype(np.float64)
+        tri = self.vertices[self.faces[hit["primitive_ids"].numpy().astype(np.int64)]].astype(np.float64)
+        normals = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+        normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-300)
+        return closest_on_triangles(points, tri), normals
+
+    def distance(self, points: np.ndarray) -> np.ndarray:
+        """Each point's distance to the surface (float64, see closest)."""
+        return np.linalg.norm(points - self.closest(points)[0], axis=1)
+
+
+def closest_on_triangles(p: np.ndarray, tri: np.ndarray) -> np.ndarray:
+    """The closest point of triangle tri[i] (n, 3, 3) to p[i] (n, 3), by the Voronoi regions of its
+    vertices, edges and face (Ericson, Real-Time Collision Detection, 5.1.5), vectorised."""
+    a, b, c = tri[:, 0], tri[:, 1], tri[:, 2]
+    ab, ac, ap = b - a, c - a, p - a
+    dot = lambda x, y: np.einsum("ij,ij->i", x, y)  # noqa: E731
+    d1, d2 = dot(ab, ap), dot(ac, ap)
+    bp, cp = p - b, p - c
+    d3, d4, d5, d6 = dot(ab, bp), dot(ac, bp), dot(ab, cp), dot(ac, cp)
+    va, vb, vc = d3 * d6 - d5 * d4, d5 * d2 - d1 * d6, d1 * d4 - d3 * d2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        denom = va + vb + vc
+        out = a + ab * (vb / denom)[:, None] + ac * (vc / denom)[:, None]  # inside the face
+        edge_ab = a + ab * (d1 / (d1 - d3))[:, None]
+        edge_ac = a + ac * (d2 / (d2 - d6))[:, None]
+        edge_bc = b + (c - b) * ((d4 - d3) / ((d4 - d3) + (d5 - d6)))[:, None]
+    cases = [  # later cases win: Ericson's early returns (A, B, AB, C, AC, BC, face) in reverse
+        ((va <= 0) & (d4 - d3 >= 0) & (d5 - d6 >= 0), edge_bc),
+        ((vb <= 0) & (d2 >= 0) & (d6 <= 0), edge_ac),
+        ((d6 >= 0) & (d5 <= d6), c),
+        ((vc <= 0) & (d1 >= 0) & (d3 <= 0), edge_ab),
+        ((d3 >= 0) & (d4 <= d3), b),
+        ((d1 <= 0) & (d2 <= 0), a),
+    ]
+    for mask, point in cases:
+        out = np.where(mask[:, None], point, out)
+    return np.where(np.isfinite(out), out, a)  # a degenerate (zero-area) triangle: its first corner
 
 
 def prepare(mesh: Mesh, samples: int = SAMPLES) -> Shape:
