@@ -234,3 +234,18 @@ def test_padding_an_object_with_its_own_views_changes_no_maxsim_score():
     queries /= np.linalg.norm(queries, axis=-1, keepdims=True)
     got = scores(queries, padded.reshape(1, -1), 8)[:, 0]
     np.testing.assert_allclose(got, [_maxsim(q, unit) for q in queries], atol=1e-5)
+
+
+def test_repair_writes_a_lost_m3d_json_again_with_its_views(synced, tmp_path):
+    """A views collection whose m3d.json is gone: `m3d check --repair` reads the multivector's view
+    count back from a stored point, so the collection stays a views collection."""
+    import shutil
+
+    _, store = synced
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy, symlinks=True)
+    (copy / "qdrant" / VIEWS / "m3d.json").unlink()
+    with open_session(copy) as session:
+        session.check(repair=True)
+        assert (session.vectors.dim(VIEWS), session.vectors.views(VIEWS)) == (1764, 8)
+        assert all(row["ok"] for row in session.check())
