@@ -249,3 +249,46 @@ def test_repair_writes_a_lost_m3d_json_again_with_its_views(synced, tmp_path):
         session.check(repair=True)
         assert (session.vectors.dim(VIEWS), session.vectors.views(VIEWS)) == (1764, 8)
         assert all(row["ok"] for row in session.check())
+
+
+def test_ring_pool_matches_a_turned_copy_under_its_best_shift(lpsb, tmp_path):
+    """--pools ring keeps every cyclic order of the ring's (reduced) views: a copy of a chair turned by
+    two camera steps (90 degrees of 8) about the up axis matches the original with score ~1 under the
+    best shift, while the two objects' rings compared in the same order differ; Qdrant's answers are
+    the exact ones (HNSW over the orders)."""
+    from helpers import perturbed_copy
+    from m3d.render import ViewSettings
+
+    tree = make_tree(lpsb, tmp_path / "meshes", {"Chair": 2, "Airplane": 2})
+    perturbed_copy(tree / "Chair" / "train" / "101.off", tree / "Turned" / "train" / "101.off", degrees=90)
+    options = SyncOptions(encoders=("hog",), pools=("ring",), workers=0, view=ViewSettings(up="y"),
+                          index=IndexSettings(index_threshold=0))
+    with open_session(tmp_path / "store") as session:
+        sync(session, tree, options)
+        name = "m3d_hog_ring"
+        assert (session.vectors.dim(name), session.vectors.views(name)) == (8 * 128, 8)
+        for exact in (False, True):
+            hits = query(session, tree / "Turned" / "train" / "101.off", collection=name, k=2, exact=exact).hits
+            assert {h.payload["path"] for h in hits} == {"Turned/train/101.off", "Chair/train/101.off"}
+            assert all(h.score == pytest.approx(1.0, abs=2e-3) for h in hits)
+        by_path = {r.payload["path"]: r.id for r in session.vectors.records(name, fields=["path"])}
+        rows = _matrices(session, name)
+        original, turned = rows[by_path["Chair/train/101.off"]], rows[by_path["Turned/train/101.off"]]
+        assert float(original[0] @ turned[0]) < 0.9  # the same ring order: other views face each other
+        assert float((turned[:1] @ original.T).max()) == pytest.approx(1.0, abs=2e-3)
+        (evaluated,) = evaluate(session, [name])
+        assert evaluated.indexed > 0 and evaluated.recall == 1.0
+
+
+def test_ring_pool_needs_a_ring_and_a_mesh(synced, tmp_path):
+    from m3d.render import ViewSettings
+
+    with pytest.raises(UsageError, match="needs --layout ring"):
+        SyncOptions(encoders=("hog",), pools=("ring",), view=ViewSettings(layout="sphere", views=12))
+    tree, _ = synced
+    with open_session(tmp_path / "store") as session:
+        sync(session, tree, SyncOptions(encoders=("hog",), pools=("ring",), workers=0))
+        picture = tmp_path / "view.png"
+        Image.new("RGB", (224, 224), (200, 200, 200)).save(picture)
+        with pytest.raises(UsageError, match="views collection"):
+            query(session, image=picture, collection="m3d_hog_ring")

@@ -171,7 +171,7 @@ def _print(obj) -> None:
 def sync(
     root: Annotated[Path, typer.Argument(help="Folder of meshes: <class>/<split>/<name>.off or <class>/<name>.off")],
     encoders: Annotated[str, typer.Option(help="Comma-separated: clip, dinov2, gradhist or hog (weight-free), a Hugging Face id or a local checkpoint directory.")] = "clip,dinov2",
-    pools: Annotated[str, typer.Option(help="Comma-separated pools: mean, max, attn, views (every view kept as one multivector, matched by MaxSim).")] = "mean,max,attn",
+    pools: Annotated[str, typer.Option(help="Comma-separated pools: mean, max, attn, views (every view kept as one multivector, matched by MaxSim), ring (the ring's views in order under the best turn; --layout ring).")] = "mean,max,attn",
     views: ViewsOpt = 8,
     elevation: ElevationOpt = None,
     size: SizeOpt = 224,

@@ -326,7 +326,7 @@ def rotation_robustness(session: Session, names: list[str], *, objects: int, see
     encoder and view settings share the renders and the encoding (only the pool differs)."""
     from .meshio import load_mesh
     from .orientation import pose
-    from .pooling import pool
+    from .pooling import ORDERED, pool
     from .render import create_renderer, posed
     from .search import collection_consensus, collection_encoder
 
@@ -369,7 +369,8 @@ def rotation_robustness(session: Session, names: list[str], *, objects: int, see
             rows = np.array([row_of[pid] for pid in queried], dtype=int)
             pool_name = session.fingerprint(name).pool
             # one query at a time: a multivector query holds the views that showed the rotated object
-            rotated = [pool(pool_name, per_view[pid][None]).cpu().numpy() for pid in queried]
+            slots = view.views if pool_name in ORDERED else None  # a ring's orders need every slot
+            rotated = [pool(pool_name, per_view[pid][None], slots).cpu().numpy() for pid in queried]
             figures = {}
             for kind, vectors in (("rotated", rotated), ("unrotated", [index.vectors[[r]] for r in rows])):
                 sims = np.concatenate([scores(v, index.vectors, index.views) for v in vectors]) if len(rows) \

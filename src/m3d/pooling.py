@@ -3,13 +3,18 @@
 Works on torch tensors on whatever device the encoder used, so pooling never forces a copy to the
 host. Input (objects, views, dim) float; output (objects, dim) float32, L2-normalised (cosine = dot).
 The views pool keeps (objects, views, dim), each view L2-normalised: one Qdrant multivector per
-object, compared by MaxSim (m3d.maxsim).
+object, compared by MaxSim (m3d.maxsim). The ring pool keeps (objects, views, views x RING_DIMS): every
+cyclic order of the ring's views, reduced and side by side, so MaxSim picks the best turn about the
+up axis (the Light Field Descriptor's matching rule).
 """
 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import TYPE_CHECKING, Callable
+
+import numpy as np
 
 if TYPE_CHECKING:  # torch is imported where pooling runs, so naming the pools (option checks) stays instant
     import torch
@@ -40,25 +45,55 @@ def keep_views(views: torch.Tensor) -> torch.Tensor:
     return views
 
 
+#: Dims each view of the ring pool is reduced to: its multivector holds views x views x RING_DIMS
+#: floats (8 views: 32 KB per object, whatever the encoder's dim).
+RING_DIMS = 128
+
+
+@lru_cache(maxsize=8)
+def _projection(dim: int) -> np.ndarray:
+    """A fixed Gaussian projection of dim -> RING_DIMS (seeded: the same on every machine, fitted on
+    nothing, so no dataset and no label shapes it); cosines survive it up to ~1/sqrt(RING_DIMS)."""
+    return np.random.default_rng(dim).standard_normal((dim, RING_DIMS)).astype(np.float32)
+
+
+def ring_orders(views: torch.Tensor) -> torch.Tensor:
+    """Every cyclic order of a ring's views, each view reduced (RING_DIMS) and unit, concatenated:
+    (objects, V, V x RING_DIMS). MaxSim of one order against these is its best yaw shift's mean cosine."""
+    import torch
+
+    reduced = torch.nn.functional.normalize(views @ torch.from_numpy(_projection(views.shape[-1])).to(views), dim=-1)
+    return torch.stack([torch.roll(reduced, -shift, dims=1).flatten(1) for shift in range(views.shape[1])], dim=1)
+
+
 POOLS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "mean": mean_pool,
     "max": max_pool,
     "attn": attention_pool,
     "views": keep_views,
+    "ring": ring_orders,
 }
 
-#: Pools whose objects are multivectors (views x dim), stored with Qdrant's MaxSim comparator.
-MULTIVECTOR = frozenset({"views"})
+#: Pools whose objects are multivectors (several vectors a point), stored with Qdrant's MaxSim comparator.
+MULTIVECTOR = frozenset({"views", "ring"})
+#: Multivector pools that need every view of the ring in order: their queries are filled as points are.
+ORDERED = frozenset({"ring"})
+
+
+def vector_dim(name: str, encoder_dim: int, views: int) -> int:
+    """Dims of one stored vector of a pool's collection."""
+    return views * RING_DIMS if name == "ring" else encoder_dim
 
 
 def pool(name: str, views: torch.Tensor, slots: int | None = None) -> torch.Tensor:
     """Pool (objects, views, dim) with the named pool and L2-normalise, in float32. A multivector pool
     with `slots` fills each object up to that many views by repeating its own views in order (an
-    object some cameras did not see): a repeated view changes no MaxSim score against the object,
-    and every stored point of a collection keeps the same shape."""
+    object some cameras did not see): a repeated view changes no views-pool MaxSim score against the
+    object, and every stored point of a collection keeps the same shape (the ring pool's orders then
+    only approximate the ring)."""
     import torch
 
-    pooled = torch.nn.functional.normalize(POOLS[name](views.float()), dim=-1)
-    if name in MULTIVECTOR and slots is not None and pooled.shape[1] != slots:
-        pooled = pooled[:, torch.arange(slots, device=pooled.device) % pooled.shape[1]]
-    return pooled
+    views = views.float()
+    if name in MULTIVECTOR and slots is not None and views.shape[1] != slots:
+        views = views[:, torch.arange(slots, device=views.device) % views.shape[1]]
+    return torch.nn.functional.normalize(POOLS[name](views), dim=-1)

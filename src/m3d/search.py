@@ -320,8 +320,11 @@ class Searcher:
         views collection: (m, dim), one unit row per view shown (a text: one row)."""
         import torch
 
-        from .pooling import MULTIVECTOR, pool
+        from .pooling import MULTIVECTOR, ORDERED, pool
 
+        if fp.pool in ORDERED and q.kind != "mesh":
+            raise UsageError(f"a {fp.pool} collection matches whole rings of views, and a{'n image' if q.kind == 'image' else ' text'} "
+                             f"query has none: ask the views collection (m3d sync --pools views) instead")
         views = None
         if q.kind == "mesh":  # rendered before the encoder loads: a bad mesh fails fast
             mesh = load_named(q.mesh, self.max_faces, standalone=self.uploads)
@@ -334,7 +337,8 @@ class Searcher:
                 vector = torch.nn.functional.normalize(encoder.encode_text([q.text]).float(), dim=-1).cpu().numpy()
                 return (vector if fp.pool in MULTIVECTOR else vector[0]), None
             per_view = encoder.encode(views)  # an image is one view: every pool of one view is that view
-            return pool(fp.pool, per_view[None]).cpu().numpy()[0], views
+            slots = fp.view.views if fp.pool in ORDERED else None  # a ring's orders need every slot
+            return pool(fp.pool, per_view[None], slots).cpu().numpy()[0], views
 
     def search(self, q: Query, *, collection: str | None = None, k: int = 5, label: str | None = None,
                exact: bool = False, params: SearchSettings = SearchSettings()) -> QueryResult:

@@ -46,6 +46,9 @@ class SyncOptions:
         if unknown or not self.pools:
             raise UsageError(f"unknown pool(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
                              f"choose from {', '.join(POOLS)}")
+        if "ring" in self.pools and self.view.layout != "ring":
+            raise UsageError(f"--pools ring matches the views of a ring in order: it needs --layout ring, "
+                             f"not {self.view.layout}")
         if not self.encoders or not all(isinstance(e, str) and e.strip() for e in self.encoders):
             raise UsageError("no encoder given: --encoders clip,dinov2,hog or a checkpoint id/directory")
         if self.precision is not None and self.precision not in PRECISIONS:

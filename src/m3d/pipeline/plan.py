@@ -82,6 +82,13 @@ class Target:
 
         return self.fingerprint.view.views if self.pool in MULTIVECTOR else None
 
+    @property
+    def dim(self) -> int:
+        """Dims of one stored vector (the ring pool's orders are reduced views side by side)."""
+        from ..pooling import vector_dim
+
+        return vector_dim(self.pool, self.encoder.dim, self.fingerprint.view.views)
+
 
 @dataclass
 class Plan:
@@ -134,12 +141,12 @@ def prepare_collections(session: Session, targets: dict[str, Target], rebuild: b
         if name in existing:
             stored = session.fingerprint(name)
             held = (session.vectors.dim(name), session.vectors.views(name))
-            dim_differs = held != (encoder.dim, target.views)
+            dim_differs = held != (target.dim, target.views)
             index_differs = index.differences(session.vectors.index_info(name).settings)
             if (stored is not None and stored != fp) or dim_differs or index_differs:
                 if not rebuild:
                     diff = "; ".join(fp.differences(stored) if stored and stored != fp else index_differs or
-                                     [f"vectors {shape_text(*held)} -> {shape_text(encoder.dim, target.views)}"])
+                                     [f"vectors {shape_text(*held)} -> {shape_text(target.dim, target.views)}"])
                     hint = (f"pass --precision {stored.precision} to add to it as it was built, or "
                             if stored is not None and stored.precision != fp.precision else "")
                     raise StoreError(f"collection {name} was built with other settings ({diff}); "
@@ -148,7 +155,7 @@ def prepare_collections(session: Session, targets: dict[str, Target], rebuild: b
                 log.info("rebuilding %s as %s; readers keep the current one until it is complete", name,
                          versions[name])
         where = versions.get(name, name)
-        session.vectors.ensure_collection(where, encoder.dim, index, views=target.views)
+        session.vectors.ensure_collection(where, target.dim, index, views=target.views)
         known[name] = {}
         current = fp.to_payload()
         for rec in session.vectors.records(where, fields=SYNC_FIELDS, vectors=True):  # streamed, page by page

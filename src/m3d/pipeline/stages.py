@@ -158,7 +158,7 @@ def embed(batch: list[Rendered], encoders: dict[str, tuple[Any, list[Target]]]) 
             groups.setdefault(count, []).append(i)
         for target in targets:
             slots = target.fingerprint.view.views if target.pool in MULTIVECTOR else None
-            vectors = np.empty((len(members), *([slots] if slots else []), flat.shape[1]), dtype=np.float32)
+            vectors = np.empty((len(members), *([slots] if slots else []), target.dim), dtype=np.float32)
             for count, rows in groups.items():
                 per_view = torch.stack([flat[starts[i]:starts[i] + count] for i in rows])
                 vectors[rows] = pool(target.pool, per_view, slots).cpu().numpy()
