@@ -7,7 +7,7 @@ renders and encodings; then `m3d eval` on every collection (every object queries
 excluded: p@5, mAP, NN, FT, ST, DCG) and `m3d eval --rotate N --rotation any` (p@5 of N objects
 re-embedded under a uniform random 3D rotation). Layouts: ring (the default 8-view ring), sphere
 (--layout sphere --views 12), pca (--align pca --layout sphere --views 12; its pose is its own, so it
-runs with the default --up only). Bytes per object: the float32 vector bytes Qdrant holds per point
+runs with the default --up only). The ring pool (best cyclic shift) runs on the ring layout only. Bytes per object: the float32 vector bytes Qdrant holds per point
 (dim x vectors per point x 4), and the store's allocated bytes on disk per object (Qdrant's segments,
 WAL and payloads, FAISS; small collections carry the engine's preallocated chunks, so read that one
 as an upper bound). Objects/s: the sync's own figure (render + encode + write of all pools together).
@@ -50,6 +50,7 @@ def run(data: Path, encoder: str, layout: str, up: str, pools: tuple[str, ...], 
     fields = dict(LAYOUTS[layout])
     if up != "default":
         fields["up"] = up
+    pools = tuple(p for p in pools if p != "ring" or layout == "ring")  # the ring pool needs the ring layout
     options = SyncOptions(encoders=(encoder,), pools=pools, view=ViewSettings(**fields), workers=workers)
     store = scratch / f"{encoder}-{layout}-{up}"
     shutil.rmtree(store, ignore_errors=True)
@@ -97,7 +98,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--encoders", default="hog", help="comma-separated encoder specs")
-    ap.add_argument("--pools", default="mean,max,attn,views")
+    ap.add_argument("--pools", default="mean,max,attn,views,ring", help="ring runs on the ring layout only")
     ap.add_argument("--layouts", default="ring,sphere,pca", help=f"comma-separated: {', '.join(LAYOUTS)}")
     ap.add_argument("--up", default="default", help="comma-separated up axes (y, z, ...) and/or 'default' "
                     "(m3d's own default rule); pca runs with the default only")
@@ -114,8 +115,9 @@ def main() -> None:
                 for up in args.up.split(","):
                     if layout == "pca" and up != "default":
                         continue
-                    rows += run(args.data, encoder, layout, up, pools, args.rotate, args.workers, scratch)
-                    print(markdown(rows[-len(pools):]), flush=True)
+                    done = run(args.data, encoder, layout, up, pools, args.rotate, args.workers, scratch)
+                    rows += done
+                    print(markdown(done), flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     out = args.out or HERE / "results" / f"quality-{args.data.resolve().name}.json"
