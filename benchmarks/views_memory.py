@@ -12,8 +12,8 @@ vectors in RAM beside float32 originals memory-mapped from disk (--quantization 
 - fewer dimensions: exact MaxSim after projecting every view vector on its first d principal axes
   (fitted on the collection's own view vectors, no labels), rows renormalised;
 - ring order under the best cyclic shift (the Light Field Descriptor's rule, invariant to yaw), as a
-  multivector of the V cyclic orders of the concatenated view vectors would score it under MaxSim:
-  full dims, and per view projected by a seeded Gaussian matrix to d dims (no fit);
+  multivector of the V cyclic orders of the concatenated view vectors scores it under MaxSim: full
+  dims, and as `--pools ring` stores it (each view projected to RING_DIMS by its seeded matrix);
 - bytes per object of each form, and the mean pool's figures beside them.
 Writes benchmarks/results/views-memory-<dataset>.json and prints a markdown table.
 """
@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
@@ -37,6 +38,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from m3d.connector import IndexSettings  # noqa: E402
 from m3d.evaluate import evaluate, ranking_metrics, score_queries  # noqa: E402
 from m3d.pipeline import SyncOptions, sync  # noqa: E402
+from m3d.pooling import RING_DIMS, pool  # noqa: E402
 from m3d.render import ViewSettings  # noqa: E402
 from m3d.store import open_session  # noqa: E402
 
@@ -64,7 +66,6 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--up", default="y")
     ap.add_argument("--dims", default="64,128,256,512")
-    ap.add_argument("--shift-dims", default="128,256", help="per-view dims of the cyclic-shift rows")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     store = Path(tempfile.mkdtemp(prefix="m3d-views-memory-"))
@@ -111,18 +112,14 @@ def main() -> None:
                              **summary(ranking_metrics(reduced.reshape(n, -1).astype(np.float32), labels, views=views)),
                              "recall@10": None})
             # the Light Field Descriptor's rule on the ring: views matched in ring order under the best cyclic
-            # shift (yaw-invariant); full dims, and after a seeded Gaussian projection (no fit, no labels)
+            # shift (yaw-invariant), with full dims, and as --pools ring stores it (reduced views, MaxSim)
             ring = flat.reshape(n, views, dim)
-            for d in [None, *map(int, args.shift_dims.split(","))]:
-                if d is None:
-                    reduced = ring
-                else:
-                    projection = np.random.default_rng(0).normal(size=(dim, d)).astype(np.float32)
-                    reduced = ring @ projection
-                    reduced /= np.linalg.norm(reduced, axis=2, keepdims=True)
-                rows.append({"form": f"ring order, best cyclic shift, {'full dims' if d is None else f'{d} random dims'}",
-                             "bytes": views * views * (d or dim) * 4,
-                             **summary(shift_metrics(reduced, labels)), "recall@10": None})
+            rows.append({"form": "ring order, best cyclic shift, full dims", "bytes": views * views * dim * 4,
+                         **summary(shift_metrics(ring, labels)), "recall@10": None})
+            orders = pool("ring", torch.from_numpy(ring)).numpy()
+            rows.append({"form": f"--pools ring ({views} orders x {views} x {RING_DIMS} dims), exact MaxSim",
+                         "bytes": orders[0].size * 4,
+                         **summary(ranking_metrics(orders.reshape(n, -1), labels, views=views)), "recall@10": None})
             disk = sum(p.stat().st_blocks * 512 for p in (store / "qdrant").rglob("*") if p.is_file())
     finally:
         shutil.rmtree(store, ignore_errors=True)

@@ -266,7 +266,7 @@ def test_ring_pool_matches_a_turned_copy_under_its_best_shift(lpsb, tmp_path):
     with open_session(tmp_path / "store") as session:
         sync(session, tree, options)
         name = "m3d_hog_ring"
-        assert (session.vectors.dim(name), session.vectors.views(name)) == (8 * 128, 8)
+        assert (session.vectors.dim(name), session.vectors.views(name)) == (8 * 256, 8)
         for exact in (False, True):
             hits = query(session, tree / "Turned" / "train" / "101.off", collection=name, k=2, exact=exact).hits
             assert {h.payload["path"] for h in hits} == {"Turned/train/101.off", "Chair/train/101.off"}

@@ -46,8 +46,9 @@ def keep_views(views: torch.Tensor) -> torch.Tensor:
 
 
 #: Dims each view of the ring pool is reduced to: its multivector holds views x views x RING_DIMS
-#: floats (8 views: 32 KB per object, whatever the encoder's dim).
-RING_DIMS = 128
+#: floats (8 views: 64 KB per object, whatever the encoder's dim; measured on LPSB hog: 128 dims lost to the
+#: views pool, 256 beat it, see docs/multiview.md).
+RING_DIMS = 256
 
 
 @lru_cache(maxsize=8)
