@@ -192,3 +192,38 @@ def test_image_view_is_a_render_like_square(tmp_path) -> None:
     Image.new("1", (15000, 13000)).save(tmp_path / "bomb.png")  # 24 KB of file, 195 M pixels
     with pytest.raises(UsageError, match="too large to read"):
         image_view(tmp_path / "bomb.png", 224)
+
+
+def test_a_query_refuses_an_encoder_that_now_loads_as_another_model(lpsb, tmp_path) -> None:
+    """A collection records the model that made it; when its encoder spec loads here as another model
+    (a weight-free descriptor's shipped fit changed with an upgrade), a query says so instead of
+    comparing vectors of two models."""
+    tree = make_tree(lpsb, tmp_path / "meshes", {"Chair": 2})
+    with open_session(tmp_path / "store") as session:
+        sync(session, tree, SyncOptions(encoders=("hog",), pools=("mean",), workers=0))
+        name = "m3d_hog_mean"
+        records = list(session.vectors.records(name, fields=["pipeline"]))
+        session.vectors.set_payload(name, {r.id: {"pipeline": {**r.payload["pipeline"], "model_id": "hog:older-fit"}}
+                                           for r in records})
+        with pytest.raises(ModelLoadError, match=r"loads here as hog:ppc8-cpb2-o9-s64.*built with hog:older-fit.*--rebuild"):
+            query(session, sorted(tree.rglob("*.off"))[0], collection=name, k=1)
+
+
+def test_a_collection_without_stored_up_rules_is_named_with_the_fix(lpsb, tmp_path, caplog) -> None:
+    """A store synced before m3d stored its up rules (here: the rules removed) still answers, from its
+    points' evidence, and says once that a sync brings its poses to today's rule."""
+    import logging
+
+    from m3d.orientation import UP_KEY
+    from m3d.search import collection_consensus
+
+    tree = make_tree(lpsb, tmp_path / "meshes", {"Chair": 2, "Cup": 2})
+    with open_session(tmp_path / "store") as session:
+        sync(session, tree, SyncOptions(encoders=("hog",), pools=("mean",), workers=0))
+        with caplog.at_level(logging.WARNING, logger="m3d"):
+            assert collection_consensus(session, "m3d_hog_mean") is not None
+        assert not caplog.records  # stored rules: one read, nothing to say
+        session.vectors.set_metadata("m3d_hog_mean", UP_KEY, None)
+        with caplog.at_level(logging.WARNING, logger="m3d"):
+            assert collection_consensus(session, "m3d_hog_mean") is not None
+        assert "synced before m3d stored its up rules" in caplog.text and "m3d sync DIR" in caplog.text

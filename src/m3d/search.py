@@ -17,6 +17,7 @@ serve`); ``query`` is one query through it (`m3d query`).
 
 from __future__ import annotations
 
+import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -33,6 +34,7 @@ from .render import BACKGROUND, create_renderer, posed
 from .schemas import Fingerprint
 from .store import Session
 
+log = logging.getLogger("m3d")
 QUERY_KINDS = ("mesh", "image", "text")
 TEXT_HINT = "sync with a CLIP encoder (--encoders clip) to search by text"
 
@@ -116,7 +118,13 @@ def collection_consensus(session: Session, name: str) -> DatasetUp | None:
         found = [DatasetUp.from_record(r) for r in records.values()]
         if all(f is not None for f in found):
             return merged(found)
-    return scanned_consensus((rec.id, rec.payload) for rec in session.vectors.records(name, fields=["pose", "path"]))
+    scanned = scanned_consensus((rec.id, rec.payload) for rec in session.vectors.records(name, fields=["pose", "path"]))
+    if scanned is not None:  # its objects were posed by an older rule, which today's may not reproduce
+        log.warning(
+            "%s was synced before m3d stored its up rules: a query mesh is posed by today's rule, which may "
+            "differ from how some of its objects were posed; run `m3d sync DIR` once (it embeds again only "
+            "the objects whose up moved)", name)
+    return scanned
 
 
 def image_view(image_path: Path, size: int) -> np.ndarray:
@@ -147,12 +155,19 @@ def collection_encoder(session: Session, fp: Fingerprint, *, checkpoint: Path | 
                        device: str | None = None):
     """The encoder that made a collection, computing in the precision the collection was built with
     (where the device can); a local checkpoint loads from the path this store remembered at sync time
-    (or ``checkpoint``), and must hold the same weights."""
+    (or ``checkpoint``), and must hold the same weights. An encoder that loads here as another model
+    than the collection records (a weight-free descriptor whose shipped fit changed with an upgrade) is
+    refused: its vectors would not be comparable with the stored ones."""
     from .encoders import load_encoder, resolve_device, runnable_precision
 
     where = checkpoint or session.checkpoints().get(fp.encoder)
     dev = resolve_device(device)
-    return load_encoder(fp.encoder, device=dev, precision=runnable_precision(fp.precision, dev), checkpoint=where)
+    encoder = load_encoder(fp.encoder, device=dev, precision=runnable_precision(fp.precision, dev), checkpoint=where)
+    if encoder.model_id != fp.model_id:
+        raise ModelLoadError(f"{fp.encoder} loads here as {encoder.model_id}, but the collection was built with "
+                             f"{fp.model_id}: its vectors are not comparable; run `m3d sync DIR --rebuild` to "
+                             "embed it again with this one")
+    return encoder
 
 
 def can_answer_text(session: Session, name: str, checkpoint: Path | None = None) -> bool:
