@@ -48,7 +48,7 @@ def test_sync_query_eval_and_incremental(tree, tmp_path):
         payload = next(iter(session.vectors.retrieve("m3d_hog_mean", [point_id("meshes", "Chair/train/101.off")]))).payload
         assert payload["class"] == "Chair" and payload["split"] == "train" and payload["path"] == "Chair/train/101.off"
         assert payload["pipeline"] == {"encoder": "hog", "model_id": payload["pipeline"]["model_id"], "pool": "mean",
-                                       "views": 8, "elevation": 20.0, "resolution": 224, "renderer": "moderngl",
+                                       "precision": "fp32", "views": 8, "elevation": 20.0, "resolution": 224, "renderer": "moderngl",
                                        "up": "y", "layout": "ring", "align": "none"}
         assert payload["pose"] == {"up": "y", "source": "given", "rotation": [[1, 0, 0], [0, 1, 0], [0, 0, 1]]}
         assert payload["faces"] > 1000 and len(payload["content_hash"]) == 32
