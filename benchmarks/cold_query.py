@@ -3,7 +3,8 @@
     python benchmarks/cold_query.py                     # lpsb (380), grown to 30x = 11,400 points
     python benchmarks/cold_query.py --factor 10 --repeat 3
 
-One `sync --encoders hog --pools mean` of the dataset (default --up auto) into a temporary store, then
+One `sync --encoders hog --pools mean` of the dataset (default --up auto) into a temporary store (its
+seconds and the plan's seconds on the up rules are kept: what the up decision cost that first sync), then
 the store is grown by upserting copies of its points under new ids (the vectors and payloads of the
 real objects, each copy's path moved under copyN/: a query cannot tell them from synced objects, and
 nothing renders). At each size, in fresh processes (cold: nothing imported, nothing cached): the up
@@ -82,7 +83,11 @@ def main() -> None:
     try:
         store = work / "store"
         with open_session(store) as session:
-            sync(session, args.data, SyncOptions(encoders=("hog",), pools=("mean",)))
+            load = os.getloadavg()[0]
+            report = sync(session, args.data, SyncOptions(encoders=("hog",), pools=("mean",)))
+        first = {"sync_s": round(report.seconds, 2), "plan_up_s": report.orientation["seconds"],
+                 "measured_in_plan": report.orientation["measured"], "load": round(load, 1)}
+        print(json.dumps({"first_sync": first}), flush=True)
         for size in (1, args.factor):
             points = grow(store, size) if size > 1 else None
             for stored in (True, False):
@@ -108,7 +113,7 @@ def main() -> None:
                     with open_session(store) as session:
                         session.vectors.set_metadata(COLLECTION, UP_KEY, saved)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"query": str(query_file), "rows": rows}, indent=2))
+        args.out.write_text(json.dumps({"query": str(query_file), "first_sync": first, "rows": rows}, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -6,7 +6,9 @@ and with --up y, back to back, alternating (ABAB...), each in a fresh process an
 
 Per run: the wall time of `m3d sync DIR --encoders hog --json` (start-up included), the summary's
 objects/s (the whole sync) and its up rules (how many files the plan measured, how many objects the
-render workers decided on their own evidence). The cost is the median auto run over the median y run.
+render workers decided on their own evidence) and the seconds the plan spent on the up rules (measured
+inside the same run, so load drift between runs does not enter it). The cost is the median auto run
+over the median y run, and the plan's up seconds over the auto run's sync seconds.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def main() -> None:
                 row = {"up": up, "round": round_, "wall_s": round(wall, 2), "sync_s": round(report["seconds"], 2),
                        "objects_per_s": round(report["objects_per_s"], 2), "load_before": round(load, 1),
                        "load_after": round(os.getloadavg()[0], 1), "measured_in_plan": o.get("measured"),
+                       "plan_up_s": o.get("seconds"),
                        "rules": {sfx: {k: g.get(k) for k in ("up", "agree", "sampled", "objects")}
                                  for sfx, g in (o.get("formats") or {}).items()}}
                 runs.append(row)

@@ -5,6 +5,7 @@ any engine starts; the engines then only schedule the stage functions over `Plan
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
@@ -265,6 +266,7 @@ def plan_orientation(plan: Plan, files: list[MeshFile], known: dict[str, dict[st
     view = plan.render.view
     if view.up != "auto" or view.align != "none":
         return
+    started = time.perf_counter()
     where = {name: plan.versions.get(name, name) for name in targets}
     stored = stored_rules(session, list(where.values()), dataset)
     stored = {name: stored[where[name]] for name in targets}
@@ -350,8 +352,8 @@ def plan_orientation(plan: Plan, files: list[MeshFile], known: dict[str, dict[st
         if sfx in moved:
             entry["moved"] = moved[sfx]
         entry["reoriented"] = reoriented.get(sfx, 0)
-    plan.orientation = {"rule": "auto", "formats": summary, "measured": measured,
-                        "checked": len(decided), "reoriented": sum(reoriented.values())}
+    plan.orientation = {"rule": "auto", "formats": summary, "measured": measured, "checked": len(decided),
+                        "reoriented": sum(reoriented.values()), "seconds": round(time.perf_counter() - started, 3)}
 
 
 def _stored_evidence(known: dict[str, dict[str, Stored]], pid: str) -> tuple[float, ...] | None:
