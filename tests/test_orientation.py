@@ -339,3 +339,19 @@ def test_a_resync_that_changes_nothing_rewrites_no_rules(lpsb, tmp_path):
         before = meta.stat().st_mtime_ns, meta.read_text()
         again = sync(session, root, OPTIONS)
         assert again.unchanged == 3 and (meta.stat().st_mtime_ns, meta.read_text()) == before
+
+
+def test_a_rebuild_carries_its_rules_to_the_new_version(lpsb, tmp_path):
+    """--rebuild fills a new version of each collection; its rules are stored with it and a query then
+    reads them through the name (the alias the rebuild published)."""
+    from dataclasses import replace as with_
+
+    root = tmp_path / "zup"
+    for name in NAMES[:3]:
+        _write(lpsb, root, name, "z")
+    with open_session(tmp_path / "store") as session:
+        sync(session, root, OPTIONS)
+        sync(session, root, with_(OPTIONS, view=ViewSettings(views=3, size=96), rebuild=True))
+        assert session.vectors.physical("m3d_hog_mean") != "m3d_hog_mean"  # read through the new version
+        assert collection_consensus(session, "m3d_hog_mean").rule_of(".off").up == "z"
+        assert set(session.vectors.metadata("m3d_hog_mean", UP_KEY)) == {"zup"}

@@ -547,6 +547,28 @@ def _measure_serve(conn) -> None:
         conn.send([measure(p, max_faces) for p in files])
 
 
+class Prefetch:
+    """Evidence of some files, measured in spawned processes while the caller does other work (a first
+    sync loads its encoders meanwhile: the sample then costs it next to nothing). `take` hands over what
+    was measured; `close` cancels what is left. Nothing here touches GL or the store."""
+
+    def __init__(self, paths: list[Path], max_faces: int, workers: int):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        from functools import partial
+
+        self._pool = ProcessPoolExecutor(max(1, min(workers, len(paths))), mp_context=multiprocessing.get_context("spawn"))
+        self._futures = {path: self._pool.submit(partial(measure, max_faces=max_faces), path) for path in paths}
+
+    def take(self, path: Path) -> tuple[bool, np.ndarray | None]:
+        """(measured here, its evidence or None when unreadable); (False, None) for a path never asked for."""
+        future = self._futures.pop(path, None)
+        return (False, None) if future is None else (True, future.result())
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 def scanned_consensus(points: Iterable[tuple[str, dict]]) -> DatasetUp | None:
     """The rules of a collection that stored none (made before rules were stored), from (point id,
     payload) pairs: the evidence the "pose" payloads kept, each format's sample by point id, as a sync

@@ -22,7 +22,7 @@ from ..store import Session
 from .engines import Job, engine
 from .finalize import Progress, SyncReport, Tally, finalize
 from .options import DEFAULT_ENCODERS, DEFAULT_POOLS, EXIT_OK, EXIT_SKIPPED, SyncOptions
-from .plan import build_targets, group_by_encoder, plan_orientation, plan_sync, prepare_collections
+from .plan import build_targets, group_by_encoder, plan_orientation, plan_sync, prefetch_sample, prepare_collections
 from .stages import StageStats, Writer
 
 __all__ = ["DEFAULT_ENCODERS", "DEFAULT_POOLS", "EXIT_OK", "EXIT_SKIPPED", "Progress", "StageStats",
@@ -50,6 +50,8 @@ def sync(
     explicit = dataset is not None
     root, dataset = dataset_identity(root, dataset)
     files, skips = discover(root, classes=classes, split=split, per_class=per_class, limit=limit, dataset=dataset)
+    measure_workers = (os.cpu_count() or 1) if options.workers is None else options.workers
+    prefetch = prefetch_sample(session, files, options, dataset, measure_workers)  # measured while encoders load
     encoders = [load_encoder(spec, device=options.device, precision=options.precision,
                              batch_size=options.batch_size) for spec in options.encoders]
     session.vectors.require_space()  # before the first write: a full disk is one line, never a SIGBUS
@@ -68,8 +70,7 @@ def sync(
     plan = plan_sync(files, known, targets, options, dataset, prune)
     plan.versions = versions
     # the evidence pass runs before any engine: no GL, no encoder, so it may use every core
-    plan_orientation(plan, files, known, targets, (os.cpu_count() or 1) if options.workers is None else options.workers,
-                     session, dataset)
+    plan_orientation(plan, files, known, targets, measure_workers, session, dataset, prefetch)
     report.orientation = plan.orientation
     report.unchanged, report.added, report.updated = plan.unchanged, plan.added, plan.updated
     report.removed = len(plan.remove)

@@ -14,7 +14,7 @@ import numpy as np
 from ..connector import IndexSettings, shape_text
 from ..dataset import MeshFile, content_hash, file_stamp
 from ..errors import StoreError
-from ..orientation import (EVIDENCE_MODEL, UP_KEY, DatasetUp, Decision, Rule, alone, decide_rule, measure_files, sample_of,
+from ..orientation import (EVIDENCE_MODEL, UP_KEY, DatasetUp, Decision, Prefetch, Rule, alone, decide_rule, measure_files, sample_of,
                            valid_evidence)
 from ..render import ViewSettings
 from ..schemas import STAMP_FIELDS, SYNC_FIELDS, Fingerprint, collection_name
@@ -252,8 +252,28 @@ def save_rules(session: Session, name: str, plan: Plan) -> None:
         session.vectors.set_metadata(name, UP_KEY, {**records, dataset: record})
 
 
+def prefetch_sample(session: Session, files: list[MeshFile], options: SyncOptions, dataset: str,
+                    workers: int) -> Prefetch | None:
+    """--up auto on a dataset no collection holds rules for (a first sync): start measuring each format's
+    sample now, in `workers` processes, so it runs while the encoders load; plan_orientation takes the
+    results. None where there is nothing to start (a re-sync measures only new sample members)."""
+    view = options.view
+    if view.up != "auto" or view.align != "none" or workers < 1:
+        return None
+    for name in session.collections():
+        records = session.vectors.metadata(name, UP_KEY)
+        if isinstance(records, dict) and dataset in records:
+            return None
+    by_format: dict[str, dict[str, MeshFile]] = {}
+    for file in files:
+        by_format.setdefault(file.path.suffix.lower(), {})[file.point_id] = file
+    paths = [group[pid].path for group in by_format.values() if len(group) >= 2 for pid in sample_of(group)]
+    return Prefetch(paths, options.max_faces, workers) if paths else None
+
+
 def plan_orientation(plan: Plan, files: list[MeshFile], known: dict[str, dict[str, Stored]],
-                     targets: dict[str, Target], workers: int, session: Session, dataset: str) -> None:
+                     targets: dict[str, Target], workers: int, session: Session, dataset: str,
+                     prefetch: Prefetch | None = None) -> None:
     """--up auto: decide each file format's rule over the whole dataset, before anything renders.
 
     Each format's rule comes from a fixed sample of its files (orientation.sample_of): their evidence is
@@ -267,6 +287,17 @@ def plan_orientation(plan: Plan, files: list[MeshFile], known: dict[str, dict[st
     if view.up != "auto" or view.align != "none":
         return
     started = time.perf_counter()
+    try:
+        _plan_orientation(plan, files, known, targets, workers, session, dataset, prefetch)
+    finally:
+        if prefetch is not None:
+            prefetch.close()
+    plan.orientation["seconds"] = round(time.perf_counter() - started, 3)
+
+
+def _plan_orientation(plan: Plan, files: list[MeshFile], known: dict[str, dict[str, Stored]],
+                      targets: dict[str, Target], workers: int, session: Session, dataset: str,
+                      prefetch: Prefetch | None) -> None:
     where = {name: plan.versions.get(name, name) for name in targets}
     stored = stored_rules(session, list(where.values()), dataset)
     stored = {name: stored[where[name]] for name in targets}
@@ -291,7 +322,7 @@ def plan_orientation(plan: Plan, files: list[MeshFile], known: dict[str, dict[st
     summary: dict[str, dict] = {}
     rules: dict[str, Rule] = {}
     moved: dict[str, str] = {}
-    measured = _measure(wanted, plan.render.max_faces, workers, have)
+    measured = _measure(wanted, plan.render.max_faces, workers, have, prefetch)
     for sfx, sample in samples.items():
         rows = [have[pid] for pid in sample if pid in have]
         if len(rows) < 2:
@@ -353,7 +384,7 @@ def plan_orientation(plan: Plan, files: list[MeshFile], known: dict[str, dict[st
             entry["moved"] = moved[sfx]
         entry["reoriented"] = reoriented.get(sfx, 0)
     plan.orientation = {"rule": "auto", "formats": summary, "measured": measured, "checked": len(decided),
-                        "reoriented": sum(reoriented.values()), "seconds": round(time.perf_counter() - started, 3)}
+                        "reoriented": sum(reoriented.values())}
 
 
 def _stored_evidence(known: dict[str, dict[str, Stored]], pid: str) -> tuple[float, ...] | None:
@@ -365,9 +396,15 @@ def _stored_evidence(known: dict[str, dict[str, Stored]], pid: str) -> tuple[flo
     return None
 
 
-def _measure(files: list[MeshFile], max_faces: int, workers: int, into: dict[str, tuple[float, ...]]) -> int:
-    """Measure the files' evidence into `into` (point id -> evidence; unreadable files are left out)."""
-    for file, ev in zip(files, measure_files([f.path for f in files], max_faces, workers)):
+def _measure(files: list[MeshFile], max_faces: int, workers: int, into: dict[str, tuple[float, ...]],
+             prefetch: Prefetch | None = None) -> int:
+    """Measure the files' evidence into `into` (point id -> evidence; unreadable files are left out),
+    taking what the prefetch already measured."""
+    taken = {f.point_id: prefetch.take(f.path) if prefetch else (False, None) for f in files}
+    rest = [f for f in files if not taken[f.point_id][0]]
+    found = dict(zip((f.point_id for f in rest), measure_files([f.path for f in rest], max_faces, workers)))
+    for file in files:
+        ev = taken[file.point_id][1] if taken[file.point_id][0] else found[file.point_id]
         if ev is not None:
             into[file.point_id] = tuple(float(x) for x in ev)
     return len(files)
