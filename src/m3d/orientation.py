@@ -566,7 +566,8 @@ class Prefetch:
         return (False, None) if future is None else (True, future.result())
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Cancel what was not taken and wait for the processes to exit (at most the files in flight)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def scanned_consensus(points: Iterable[tuple[str, dict]]) -> DatasetUp | None:
