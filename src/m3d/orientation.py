@@ -548,26 +548,32 @@ def _measure_serve(conn) -> None:
 
 
 class Prefetch:
-    """Evidence of some files, measured in spawned processes while the caller does other work (a first
-    sync loads its encoders meanwhile: the sample then costs it next to nothing). `take` hands over what
-    was measured; `close` cancels what is left. Nothing here touches GL or the store."""
+    """Evidence of some files, measured (measure_files: child processes that die with this one) from a
+    thread while the caller does other work: a first sync loads its encoders meanwhile, so its sample
+    costs it next to nothing. `take` hands over a file's result once the batch is done. Nothing here
+    touches GL or the store."""
 
     def __init__(self, paths: list[Path], max_faces: int, workers: int):
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-        from functools import partial
+        import threading
 
-        self._pool = ProcessPoolExecutor(max(1, min(workers, len(paths))), mp_context=multiprocessing.get_context("spawn"))
-        self._futures = {path: self._pool.submit(partial(measure, max_faces=max_faces), path) for path in paths}
+        self._paths, self._found = list(paths), {}
+        self._thread = threading.Thread(target=self._run, args=(max_faces, workers), name="m3d-up-sample", daemon=True)
+        self._thread.start()
+
+    def _run(self, max_faces: int, workers: int) -> None:
+        try:
+            self._found = dict(zip(self._paths, measure_files(self._paths, max_faces, workers)))
+        except Exception:  # noqa: BLE001 - an evidence process died: the plan measures these files itself, and says so
+            self._found = {}
 
     def take(self, path: Path) -> tuple[bool, np.ndarray | None]:
-        """(measured here, its evidence or None when unreadable); (False, None) for a path never asked for."""
-        future = self._futures.pop(path, None)
-        return (False, None) if future is None else (True, future.result())
+        """(measured here, its evidence or None when unreadable); (False, None) for a file it has not."""
+        self._thread.join()
+        return (True, self._found.pop(path)) if path in self._found else (False, None)
 
     def close(self) -> None:
-        """Cancel what was not taken and wait for the processes to exit (at most the files in flight)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Wait for the batch (its processes are gone when measure_files returns)."""
+        self._thread.join()
 
 
 def scanned_consensus(points: Iterable[tuple[str, dict]]) -> DatasetUp | None:
