@@ -1,6 +1,8 @@
-"""Random kill -9 rounds: each round kills real `m3d sync` processes 1-3 times at random moments, then
-lets the same command finish, and compares the store with one uninterrupted run (same ids, payloads,
-vectors; FAISS in step; `m3d check` clean). Prints one line per round and a summary.
+"""Random kill -9 rounds: each round kills real `m3d sync` processes 1-3 times at random moments (from
+0.3 s, in start-up, up to past the end), then lets the same command finish, and compares the store with
+one uninterrupted run (same ids, payloads, vectors; FAISS in step; `m3d check` clean). After each kill
+it counts the processes the sync had started that are still alive 10 s later (orphans). Prints one line
+per round and a summary.
 
     python benchmarks/kill_rounds.py --data ../shared/datasets/lpsb --rounds 20 --seed 0
 """
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 ARGS = ["--encoders", "hog", "--pools", "mean,attn", "--workers", "2", "--batch-size", "8"]
 
@@ -85,7 +88,7 @@ def main() -> int:
         full_s = time.monotonic() - started
         reference = snapshot(base / "reference")
         print(f"uninterrupted sync: {full_s:.1f} s; load {os.getloadavg()[0]:.1f}")
-        failures = kills = 0
+        failures = kills = orphans = 0
         for round_no in range(1, args.rounds + 1):
             store = base / f"round{round_no}"
             moments = []
@@ -95,10 +98,16 @@ def main() -> int:
                 try:
                     proc.wait(timeout=moment)  # finished before the kill: nothing to kill
                 except subprocess.TimeoutExpired:
+                    started = psutil.Process(proc.pid).children(recursive=True)
                     proc.send_signal(signal.SIGKILL)
                     proc.wait()
                     kills += 1
-                    moments.append(f"{moment:.1f}s")
+                    _, alive = psutil.wait_procs(started, timeout=10)
+                    alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+                    orphans += len(alive)
+                    for p in alive:
+                        p.kill()
+                    moments.append(f"{moment:.1f}s ({len(started)} children, {len(alive)} left)")
             final = run(tree, store)
             code = final.wait()
             diff = f"exit {code}: {final.stderr.read().strip()[-200:]}" if code != 0 else same(reference, snapshot(store))
@@ -106,8 +115,9 @@ def main() -> int:
             print(f"round {round_no}: killed at {', '.join(moments) or '(finished first)'} -> "
                   f"{'MATCHES the uninterrupted store' if diff is None else 'DIFFERS: ' + diff}")
             shutil.rmtree(store, ignore_errors=True)
-        print(f"{args.rounds} rounds, {kills} kill -9s, {failures} rounds differing; load {os.getloadavg()[0]:.1f}")
-        return 1 if failures else 0
+        print(f"{args.rounds} rounds, {kills} kill -9s, {orphans} orphaned processes, {failures} rounds differing; "
+              f"load {os.getloadavg()[0]:.1f}")
+        return 1 if failures or orphans else 0
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

@@ -155,3 +155,59 @@ def test_query_during_sync_says_busy(lpsb, tmp_path):
         sync.stderr.read()
         sync.wait(timeout=120)
     assert sync.returncode == 0
+
+
+def test_a_directory_named_lock_says_how_to_fix_it(synced, tmp_path):
+    import shutil
+
+    _, store, _ = synced
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    (copy / "lock").unlink()
+    (copy / "lock").mkdir()
+    result = runner.invoke(app, ["info", "--store", str(copy)])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
+    assert "is a directory, not m3d's lock file: move it away" in result.stderr
+
+
+def test_summary_counts_add_up_and_a_sync_with_nothing_to_do_names_no_bottleneck(lpsb, tmp_path):
+    tree = make_tree(lpsb, tmp_path / "meshes", {"Cup": 2})
+    (tree / "Cup" / "train" / "loop").symlink_to(tree / "Cup")  # a directory symlink loop: skipped, counted
+    args = ["sync", str(tree), "--encoders", "hog", "--pools", "mean", "--workers", "0", "--store", str(tmp_path / "s")]
+    first = json.loads(runner.invoke(app, [*args, "--json"]).stdout)
+    assert first["skipped"] == 1 and first["discovered"] == first["added"] + first["updated"] + first["unchanged"] + 1
+    again = runner.invoke(app, args)
+    assert again.exit_code == 4 and "3 meshes: 0 added, 0 updated, 2 unchanged, 0 removed, 1 skipped" in again.stdout
+    assert "bottleneck: none (nothing to embed)" in again.stdout, again.stdout
+
+
+def test_info_shows_settings_as_given_and_long_names_keep_tables_narrow_in_a_pipe(lpsb, tmp_path):
+    import shutil
+
+    tree = tmp_path / "meshes"
+    (tree / "Cup" / "train").mkdir(parents=True)
+    long = "a" * 236 + ".off"
+    shutil.copyfile(lpsb / "Cup" / "21.off", tree / "Cup" / "train" / long)
+    shutil.copyfile(lpsb / "Cup" / "22.off", tree / "Cup" / "train" / "22.off")
+    store = str(tmp_path / "s")
+    assert runner.invoke(app, ["sync", str(tree), "--encoders", "hog", "--pools", "mean", "--workers", "0",
+                               "--store", store]).exit_code == 0
+    info = runner.invoke(app, ["info", "--store", store]).stdout
+    assert "20.0000" not in info and " 20 " in info, info
+    table = runner.invoke(app, ["query", str(tree / "Cup" / "train" / "22.off"), "--store", store]).stdout
+    assert max(len(line) for line in table.splitlines()) <= 200, table
+    assert long in "".join(line.strip("│ ") for line in table.splitlines()), table  # folded, never cut
+
+
+def test_query_up_help_lists_auto():
+    help_text = " ".join(runner.invoke(app, ["query", "--help"]).stdout.split())
+    assert "-x, -y, -z, or auto" in help_text
+
+
+def test_the_offline_advice_names_a_command_that_is_installed():
+    from pathlib import Path
+
+    from m3d.encoders.hub import offline_message
+
+    assert "run `hf download facebook/dinov2-base`" in offline_message("facebook/dinov2-base")
+    assert (Path(sys.executable).parent / "hf").exists()  # huggingface_hub >= 1 ships `hf`, not huggingface-cli

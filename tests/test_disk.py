@@ -110,6 +110,8 @@ def test_read_only_store_answers_read_commands(lpsb, tmp_path, mount):
     assert runner.invoke(app, ["check", "--store", str(store)]).exit_code == 0
     evaluated = runner.invoke(app, ["eval", "--store", str(store), "--out", str(tmp_path / "eval")])
     assert evaluated.exit_code == 0, evaluated.output
+    nowhere = runner.invoke(app, ["eval", "--store", str(store)])  # STORE/eval cannot be written: said first
+    assert nowhere.exit_code == 2 and "pass --out DIR" in nowhere.stderr and nowhere.stderr.count("\n") == 1
     refused = runner.invoke(app, ["sync", str(tree), *SYNC, "--store", str(store)])
     assert refused.exit_code == 1 and refused.stderr.count("\n") == 1 and "cannot be written" in refused.stderr
     assert not (store / "lock").exists()

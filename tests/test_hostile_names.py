@@ -74,3 +74,21 @@ def test_mathtext_in_names_does_not_break_the_report(synced, tmp_path):
     _no_traceback(evaluated)
     assert evaluated.exit_code == 0, evaluated.output
     assert MATH in (out / "index.html").read_text()
+
+
+def test_the_escape_byte_of_a_name_never_reaches_the_dedup_html(lpsb, tmp_path):
+    """The same mesh under a name holding ESC and under a plain one: an exact-duplicate group whose
+    page shows the name as the tables do (a visible \\x1b); the CSV keeps the name as data."""
+    root = tmp_path / "meshes" / "Cup"
+    root.mkdir(parents=True)
+    for name in (ESCAPE, "plain.off", "other.off"):
+        (root / name).symlink_to(lpsb / "Cup" / ("21.off" if name != "other.off" else "22.off"))
+    store = str(tmp_path / "store")
+    assert runner.invoke(app, ["sync", str(tmp_path / "meshes"), *SYNC, "--store", store]).exit_code == 0
+    out = tmp_path / "dedup"
+    done = runner.invoke(app, ["dedup", "--report", str(out), "--store", store])
+    _no_traceback(done)
+    assert done.exit_code == 0, done.output
+    page = (out / "index.html").read_text()
+    assert "\x1b" not in page and "esc\\x1b[31mred.off" in page
+    assert any(ESCAPE in p.read_text() for p in out.glob("*.csv"))

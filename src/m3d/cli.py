@@ -67,6 +67,7 @@ UpOpt = Annotated[str, typer.Option(help="Mesh axis that is up: x, y, z, -x, -y,
 LayoutOpt = Annotated[str, typer.Option(help="Cameras: ring (horizontal ring at --elevation) or sphere (evenly over the sphere).")]
 AlignOpt = Annotated[str, typer.Option(help="Pose before rendering: none, or pca (principal axes; for arbitrarily rotated data).")]
 DEFAULT_STORE = ".m3d"
+PIPE_WIDTH = 200  # the widest a table is printed where nobody reads it at a width (pipes, CI logs)
 INFO_VIEW_FIELDS = ("layout", "views", "elevation", "up", "align", "size", "renderer")
 
 
@@ -126,11 +127,16 @@ def _table(title: str, rows: list[dict]):
     table = Table(title=Text(printable(title)))
     for i, key in enumerate(rows[0] if rows else []):
         table.add_column(str(key), justify="right" if isinstance(rows[0][key], (int, float)) else "left",
-                         no_wrap=i == 0)  # the first column names the row: never cut it
+                         no_wrap=i == 0, overflow="fold")  # the first names the row; long names fold, never cut
     for row in rows:
         table.add_row(*[Text("-" if v is None else f"{v:.4f}" if isinstance(v, float) else printable(v))
                         for v in row.values()])  # None: a setting that does not apply (a sphere's elevation)
     return table
+
+
+def _setting(value):
+    """A setting as the user gave it: an elevation of 20 degrees reads 20, not 20.0000 (None stays None)."""
+    return f"{value:g}" if isinstance(value, float) else value
 
 
 def _records(table: Table) -> Text:
@@ -161,8 +167,8 @@ def _print(obj) -> None:
     elif isinstance(obj, Table) and (natural := console.measure(obj, options=console.options.update_width(10**5)).maximum) > console.width:
         if console.is_terminal:
             obj = _records(obj)
-        else:
-            console = Console(width=natural)
+        else:  # whole, but a 240-character file name wraps in its cell instead of widening every line
+            console = Console(width=min(natural, PIPE_WIDTH))
     console.print(obj, soft_wrap=isinstance(obj, Text))
 
 
@@ -340,7 +346,7 @@ def query(
     collection: Annotated[Optional[str], typer.Option(help="Collection to search (default: the first *_mean one that can answer this kind of query).")] = None,
     label: Annotated[Optional[str], typer.Option("--class", help="Only neighbours of this class (payload filter).")] = None,
     exact: Annotated[bool, typer.Option(help="Answer from the FAISS exact index instead of Qdrant.")] = False,
-    up: Annotated[Optional[str], typer.Option(help="Up axis of MESH (x, y, z, -x, -y, -z) when it differs from the collection's rule.")] = None,
+    up: Annotated[Optional[str], typer.Option(help="Up axis of MESH (x, y, z, -x, -y, -z, or auto: from its own shape, under the collection's consensus) when it differs from the collection's rule.")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="The checkpoint directory of a collection synced from a local checkpoint on another machine (its place is remembered where it was synced).")] = None,
     hnsw_ef: Annotated[Optional[int], typer.Option(help="Qdrant's HNSW search candidates (default: the engine's).")] = None,
     rescore: Annotated[bool, typer.Option(help="Re-rank quantized candidates with the original vectors.")] = True,
@@ -408,7 +414,7 @@ def eval_(
     from dataclasses import asdict
 
     from .connector import SearchSettings
-    from .evaluate import evaluate, write_results
+    from .evaluate import evaluate, require_writable, write_results
 
     stray = ctx.args  # `--exclude-duplicates 0.999`, the old cosine form, leaves its value here
     if stray:
@@ -417,7 +423,8 @@ def eval_(
                          if exclude_duplicates else ""))
     search = tuple(SearchSettings(hnsw_ef=ef, rescore=rescore, oversampling=oversampling)
                    for ef in _ints("--hnsw-ef", hnsw_ef) or [None])
-    with _session(store, qdrant_url, qdrant_api_key) as session:
+    with _session(store, qdrant_url, qdrant_api_key) as session:  # a mistyped --store is refused first
+        require_writable(out or store / "eval", default=out is None)
         results = evaluate(session, collection, recall_k=recall_k, recall_queries=recall_queries,
                            exclude_duplicates=exclude_duplicates, search=search)
         if not results:
@@ -523,7 +530,7 @@ def info(
                          "index": index.state, "threshold": index.settings.index_threshold,
                          "classes": len(classes), "encoder": fp.model_id if fp else "",
                          "precision": fp.precision if fp else "",
-                         **{k: getattr(fp.view, k) if fp else "" for k in INFO_VIEW_FIELDS}})
+                         **{k: _setting(getattr(fp.view, k)) if fp else "" for k in INFO_VIEW_FIELDS}})
         location = session.vectors.location
     if as_json:
         typer.echo(json.dumps({"store": location, "collections": rows}, indent=2))

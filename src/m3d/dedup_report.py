@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .dedup import KINDS, SAME_FRACTION, DedupResult, Group, Member, Pair
+from .errors import printable
 from .report import (_CSS, _SCRIPT, QUERY, WRONG, Renders, _draw_tiles, _figure, _save, _short, _table, _text_is_data,
                      _Tile)
 from .store import Session
@@ -110,7 +111,9 @@ def write_dedup_report(session: Session, result: DedupResult, out_dir: Path) -> 
     """index.html with the scatter, contamination per class and every group; returns its path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    esc = html.escape
+    def esc(value) -> str:  # as the tables show user text: control bytes (ESC of a file name) visible, never raw
+        return html.escape(printable(value))
+
     plot_checked(result, out_dir / "checked_pairs.png")
     renders = Renders(session, session.fingerprint(result.collections[0]))
     s, c = result.summary(), result.cost

@@ -259,6 +259,19 @@ def evaluate(session: Session, collections: list[str] | None = None, **kwargs) -
     return [evaluate_collection(session, name, **kwargs) for name in names if session.vectors.count(name) >= 2]
 
 
+def require_writable(out_dir: Path, *, default: bool) -> None:
+    """Before any work: a folder the results cannot be written to (a read-only store) is one line that
+    says where else to write them, not an error after minutes of evaluation."""
+    import tempfile
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as exc:
+        hint = ": pass --out DIR to write the results elsewhere" if default else ""
+        raise UsageError(f"cannot write the results to {out_dir} ({exc.strerror or exc}){hint}") from None
+
+
 def write_results(results: list[CollectionEval], out_dir: Path) -> list[Path]:
     """eval.csv (one row per collection), eval_per_class.csv and eval.json."""
     out_dir.mkdir(parents=True, exist_ok=True)

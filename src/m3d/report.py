@@ -798,7 +798,7 @@ def _cell(value: Any, left: bool = False) -> str:
     if isinstance(value, float):
         text = f"{value:.4f}"
     else:
-        text = html.escape(str(value))
+        text = html.escape(printable(value))  # control bytes of a file name shown as escapes, never raw
     return f'<td class="l">{text}</td>' if left else f"<td>{text}</td>"
 
 

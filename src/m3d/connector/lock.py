@@ -59,6 +59,9 @@ class StoreLock:
             if self.write:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             return open(self.path, "a+b", buffering=0)  # unbuffered: a full disk fails here, not at close
+        except IsADirectoryError:
+            raise StoreError(f"store {self.path.parent}: {self.path} is a directory, not m3d's lock file: move it "
+                             "away (nothing of the store is in it), then run the command again") from None
         except OSError as exc:
             if exc.errno not in READ_ONLY:
                 raise StoreError(f"store {self.path.parent}: cannot use {self.path} ({exc.strerror})") from None

@@ -94,7 +94,7 @@ def offline_message(hub_id: str) -> str:
     hint = "" if "/" in hub_id else f" (named encoders: {', '.join(ALIASES)})"  # likely a typo of a name
     return (
         f"weights for {hub_id} are not available offline{hint} (not in the Hugging Face cache, hub not "
-        f"reachable): run `huggingface-cli download {hub_id}` on a connected machine, point --encoders at a "
+        f"reachable): run `hf download {hub_id}` on a connected machine, point --encoders at a "
         "local checkpoint directory, or use a weight-free encoder: `gradhist` (or `hog`)"
     )
 

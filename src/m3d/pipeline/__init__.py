@@ -62,7 +62,8 @@ def sync(
         if encoder.checkpoint:  # a local directory: its place stays on this machine, never in a payload
             session.remember_checkpoint(encoder.model_id, encoder.checkpoint)
     targets = build_targets(encoders, options)
-    report = SyncReport(str(root), dataset, sorted(targets), discovered=len(files), engine=options.engine)
+    # discovered counts what the summary accounts for: the files, and what discovery skipped (links, loops)
+    report = SyncReport(str(root), dataset, sorted(targets), discovered=len(files) + len(skips), engine=options.engine)
     report.skipped = [asdict(s) for s in skips]
 
     known, versions = prepare_collections(session, targets, options.rebuild, options.index)

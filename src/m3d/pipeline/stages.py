@@ -52,7 +52,7 @@ class StageStats:
         their summed seconds are split over them (else 15 half-idle workers would outvote a busy GPU)."""
         busy = {"render": self.render / max(self.render_workers, 1),
                 "encode": self.encode / max(self.encode_workers, 1), "write": self.write}
-        return max(busy, key=busy.get)
+        return max(busy, key=busy.get) if any(busy.values()) else "none (nothing to embed)"
 
 
 # -- render -----------------------------------------------------------------------------------
