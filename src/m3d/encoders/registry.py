@@ -35,6 +35,9 @@ class Family:
     embed: Callable[[Any, torch.Tensor], torch.Tensor] | None  # (model, pixel_values) -> (N, dim)
     dim: Callable[[Any], int] | None  # model.config -> output dim
     text: TextTower | None = None
+    # config.json (a dict) -> output dim, read without transformers (importing it imports torch): a sync
+    # with nothing to encode plans from it; the loaded model is checked against it
+    config_dim: Callable[[dict], int] | None = None
 
     @property
     def can_text(self) -> bool:
@@ -57,13 +60,23 @@ def _clip_dim(cfg: Any) -> int:
     return int(cfg.projection_dim)
 
 
+#: transformers' CLIPVisionConfig / Dinov2Config defaults, for config.json files that leave a field out
+_DEFAULT_PROJECTION, _DEFAULT_HIDDEN = 512, 768
+
+
+def _clip_config_dim(config: dict) -> int:
+    """The vision tower's projection: a full CLIP checkpoint's image tower reads its vision_config."""
+    return int(config.get("vision_config", {}).get("projection_dim", _DEFAULT_PROJECTION))
+
+
 FAMILIES: dict[str, Family] = {
     # AutoModel on a CLIP checkpoint drops the projection: the *WithProjection classes keep it
     "clip": Family("clip", ("clip",), "CLIPVisionModelWithProjection", _clip_embed, _clip_dim,
-                   text=TextTower("CLIPTextModelWithProjection", _clip_text_embed)),
+                   text=TextTower("CLIPTextModelWithProjection", _clip_text_embed), config_dim=_clip_config_dim),
     "clip_vision": Family("clip_vision", ("clip_vision_model",), "CLIPVisionModelWithProjection", _clip_embed,
-                          _clip_dim),
-    "dinov2": Family("dinov2", ("dinov2",), "Dinov2Model", _dinov2_embed, lambda cfg: int(cfg.hidden_size)),
+                          _clip_dim, config_dim=lambda c: int(c.get("projection_dim", _DEFAULT_PROJECTION))),
+    "dinov2": Family("dinov2", ("dinov2",), "Dinov2Model", _dinov2_embed, lambda cfg: int(cfg.hidden_size),
+                     config_dim=lambda c: int(c.get("hidden_size", _DEFAULT_HIDDEN))),
     "hog": Family("hog", (), None, None, None),
     "gradhist": Family("gradhist", (), None, None, None),
 }
