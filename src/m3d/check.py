@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import manifest
 from .connector.exact import ExactIndex
 from .errors import M3DError, StoreError
 from .schemas import Fingerprint
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from .store import Session
 
 #: The store's own files and whether each is a directory; anything else in one of these places is damage.
-LAYOUT = {"qdrant": True, "faiss": True, "reports": True, "reports/last-sync.json": False,
+LAYOUT = {"qdrant": True, "faiss": True, "reports": True, manifest.FOLDER: True, "reports/last-sync.json": False,
           "reports/roots.json": False}
 REBUILDS = "`m3d check --repair` rebuilds it"
 
@@ -35,6 +36,8 @@ def check_store(session: Session, repair: bool = False) -> list[dict]:
         rows.append(_row("(store files)", problems=[why for _, why in damage], repaired=done, ok=bool(done)))
     for name in session.collections():
         rows.append(_check_collection(session, name, repair))
+        if not rows[-1]["ok"]:  # whatever check found, the next sync reads every point (and vector) again
+            manifest.remove(session, name)
     return rows
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import manifest
 from .connector import VECTOR_PAGE, VectorStore, open_store, write_bytes
 from .connector.exact import MISSING, ExactIndex, path_of
 from .connector.guard import Guarded, ReadWriteLock
@@ -262,6 +263,7 @@ class Session:
     def drop(self, name: str) -> None:
         self.vectors.drop_collection(name)
         self.drop_exact(name)
+        manifest.remove(self, name)
 
     @_writes
     def drop_exact(self, name: str) -> None:

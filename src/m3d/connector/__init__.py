@@ -215,6 +215,10 @@ class VectorStore(Protocol):
     def set_metadata(self, name: str, key: str, value: object) -> None:
         """Replace that value (every machine using the collection sees it)."""
 
+    def signature(self, name: str) -> str | None:
+        """What the collection's files look like on disk now (moved by any write or damage, whoever made
+        it), or None where the backend cannot say: with the generation, what a sync manifest is checked by."""
+
     def search(self, name: str, queries: np.ndarray, k: int, *, label: str | None = None,
                params: SearchSettings = SearchSettings()) -> list[list[Hit]]:
         """k nearest points for each query row (cosine), optionally only of one class. Queries of a

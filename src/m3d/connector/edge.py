@@ -10,6 +10,7 @@ no background optimiser: segments stay brute-force searched until `optimize()` b
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -40,6 +41,12 @@ MARGIN_BYTES = 8 << 20
 NEW_SHARD_BYTES = 16 << 20
 META_PREFIX = "m3d_"  # keys of set_metadata in m3d.json, apart from the store's own (dim, index, generation)
 ALIASES = "aliases.json"  # collection name -> the version directory readers use
+#: Shard files the engine rewrites whenever it opens a shard, even to read: memory-mapped flags, trackers
+#: and the journals it keeps of them until closed, status words, its own config, and the point versions it
+#: rewrites on the first open after a delete. They are left out of a collection's signature; every other
+#: file (vectors, payload pages, id mappings, WAL, HNSW graphs) moves only with a write, or with damage.
+VOLATILE = frozenset({"tracker.dat", "tracker_journal.dat", "flags_a.dat", "flags_b.dat", "status.dat", "segment.json",
+                      "edge_config.json", "mutable_id_tracker.versions"})
 T = TypeVar("T")
 log = logging.getLogger("m3d")
 
@@ -301,6 +308,27 @@ class EdgeStore:
 
     def set_metadata(self, name: str, key: str, value: object) -> None:
         self._write_meta(name, {**self._meta(name), META_PREFIX + key: value})
+
+    def signature(self, name: str) -> str | None:
+        """A digest of the size, mtime, ctime and inode of the shard's files (but VOLATILE ones): any
+        write, truncation or other change on disk, by anyone, moves it. About 50 stats per segment."""
+        shard = self.root / self.physical(name) / "shard"
+        if not shard.is_dir():
+            return None
+        digest = hashlib.blake2b(digest_size=16)
+        for dirpath, dirnames, filenames in os.walk(shard):
+            dirnames.sort()
+            for file in sorted(filenames):
+                if file in VOLATILE:
+                    continue
+                path = os.path.join(dirpath, file)
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    return None
+                digest.update(f"{os.path.relpath(path, shard)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+                              f"\0{st.st_ino}\n".encode("utf-8", "surrogateescape"))
+        return digest.hexdigest()
 
     def ensure_collection(self, name: str, dim: int, settings: IndexSettings = IndexSettings(),
                           views: int | None = None) -> None:

@@ -217,6 +217,10 @@ class ServerStore:
         """A server builds its indexes in the background once a segment passes the threshold."""
         return False
 
+    def signature(self, name: str) -> None:
+        """A server's files are not ours to stat: nothing vouches for a sync manifest, each sync reads the points."""
+        return None
+
     def generation(self, name: str) -> str | None:
         return self._metadata(name).get(GENERATION_KEY)
 

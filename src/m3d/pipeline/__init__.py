@@ -44,29 +44,30 @@ def sync(
     progress: Progress | None = None,
 ) -> SyncReport:
     """Bring the store in step with the meshes under root, doing only the work that is missing."""
-    from ..encoders import load_encoder
+    from ..encoders import identify, load_encoder
 
     started = time.perf_counter()
     explicit = dataset is not None
     root, dataset = dataset_identity(root, dataset)
     files, skips = discover(root, classes=classes, split=split, per_class=per_class, limit=limit, dataset=dataset)
     measure_workers = (os.cpu_count() or 1) if options.workers is None else options.workers
-    prefetch = prefetch_sample(session, files, options, dataset, measure_workers)  # measured while encoders load
-    encoders = [load_encoder(spec, device=options.device, precision=options.precision,
-                             batch_size=options.batch_size) for spec in options.encoders]
+    prefetch = prefetch_sample(session, files, options, dataset, measure_workers)  # measured while the plan is made
+    # identities only (config.json, a hog spec): no torch and no weights until there is something to encode
+    identities = [identify(spec, device=options.device, precision=options.precision) for spec in options.encoders]
     session.vectors.require_space()  # before the first write: a full disk is one line, never a SIGBUS
     moved_from = session.claim_root(dataset, root, explicit=explicit)
     if moved_from:
         log.warning("dataset %s moved: %s -> %s", dataset, moved_from, root)
-    for encoder in encoders:
-        if encoder.checkpoint:  # a local directory: its place stays on this machine, never in a payload
-            session.remember_checkpoint(encoder.model_id, encoder.checkpoint)
-    targets = build_targets(encoders, options)
+    for identity in identities:
+        if identity.checkpoint:  # a local directory: its place stays on this machine, never in a payload
+            session.remember_checkpoint(identity.model_id, identity.checkpoint)
+    targets = build_targets(identities, options)
     # discovered counts what the summary accounts for: the files, and what discovery skipped (links, loops)
     report = SyncReport(str(root), dataset, sorted(targets), discovered=len(files) + len(skips), engine=options.engine)
     report.skipped = [asdict(s) for s in skips]
 
-    known, versions = prepare_collections(session, targets, options.rebuild, options.index)
+    known, versions, trusted = prepare_collections(session, targets, options.rebuild, options.index)
+    report.from_manifest = sorted(trusted)
     prune = not (classes or split or per_class or limit)
     plan = plan_sync(files, known, targets, options, dataset, prune)
     plan.versions = versions
@@ -85,10 +86,13 @@ def sync(
     writer.start()
     run_started = time.perf_counter()
     try:
-        if plan.tasks:  # an unchanged re-sync starts no worker (and no Ray)
-            engine(options.engine)(Job(plan, options, group_by_encoder(targets), writer, tally))
+        if plan.tasks:  # an unchanged re-sync loads no encoder and starts no worker (and no Ray)
+            encoders = [load_encoder(identity, device=options.device, precision=options.precision,
+                                     batch_size=options.batch_size) for identity in identities]
+            engine(options.engine)(Job(plan, options, group_by_encoder(build_targets(encoders, options)), writer, tally))
         writer.finish()
     except BaseException:
         writer.abort()
         raise
-    return finalize(session, plan, tally, started, time.perf_counter() - run_started)
+    return finalize(session, plan, tally, started, time.perf_counter() - run_started, known=known, trusted=trusted,
+                    written=writer.written, pipelines={n: t.fingerprint.to_payload() for n, t in targets.items()})

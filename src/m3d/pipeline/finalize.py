@@ -8,9 +8,10 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
+from .. import manifest
 from ..store import Session
 from .options import EXIT_OK, EXIT_SKIPPED
-from .plan import Plan, save_rules
+from .plan import Plan, Stored, manifest_rows, save_rules
 from .stages import Rendered, StageStats
 
 log = logging.getLogger("m3d")
@@ -36,6 +37,7 @@ class SyncReport:
     resources: dict = field(default_factory=dict)  # what the engine ran on: cpus, gpus, nodes, workers per stage
     index_seconds: dict[str, float] = field(default_factory=dict)  # collection -> HNSW/quantization build time
     orientation: dict | None = None  # --up auto: the axis the dataset agreed on, objects turned against it
+    from_manifest: list[str] = field(default_factory=list)  # collections planned from their sync manifest (no scan)
     exit_status: int = EXIT_OK
 
     def summary(self) -> dict:
@@ -82,15 +84,21 @@ class Tally:
             self.progress(self.done, len(self.plan.tasks), self.report)
 
 
-def finalize(session: Session, plan: Plan, tally: Tally, started: float, elapsed: float) -> SyncReport:
+def finalize(session: Session, plan: Plan, tally: Tally, started: float, elapsed: float, *,
+             known: dict[str, dict[str, Stored]], trusted: set[str], written: dict[str, dict[str, Stored]],
+             pipelines: dict[str, dict]) -> SyncReport:
     """Delete the points of files that are gone or turned unusable, build each collection's index,
-    save FAISS (kept in step with every write), publish rebuilt versions, and write the report (last, so a crash before it leaves no report of a finished run)."""
+    save FAISS (kept in step with every write), publish rebuilt versions, save each changed collection's
+    sync manifest (known: what the plan read; trusted: the collections read from their manifest;
+    written: what the writer stored; pipelines: each collection's fingerprint payload), and write the
+    report (last, so a crash before it leaves no report of a finished run)."""
     report = tally.report
     tally.tick()
     gone = plan.remove + tally.unusable
     for name in report.collections:
         session.delete(plan.versions.get(name, name), gone)
-    session.vectors.flush()
+    if gone or plan.tasks or plan.restamp:
+        session.vectors.flush()
     for name in report.collections:  # HNSW where the settings call for it; FAISS (kept in step) saved
         where = plan.versions.get(name, name)
         report.index_seconds[name] = session.finish(where)
@@ -98,6 +106,15 @@ def finalize(session: Session, plan: Plan, tally: Tally, started: float, elapsed
         if where != name:  # a rebuild is complete: readers move to it at once
             session.publish(name, where)
             log.info("%s now reads from %s", name, where)
+    removed = set(gone)
+    # a collection read from a manifest that still vouches for it, and not written since, keeps it as it is
+    stale = [name for name in report.collections
+             if name not in trusted or written.get(name) or plan.restamp.get(name) or removed]
+    if stale:
+        session.vectors.flush()  # the signature a manifest records is the one the files keep
+    for name in stale:
+        manifest.write(session, name, pipelines[name],
+                       manifest_rows(plan, known.get(name, {}), name, written.get(name, {}), removed))
     report.seconds = time.perf_counter() - started
     # the whole sync (plan, up rules, start-up, index), as the user waited for it; the engine's run alone beside it
     report.objects_per_s = tally.embedded / report.seconds if tally.embedded and report.seconds > 0 else 0.0

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .. import manifest
 from ..connector import IndexSettings, shape_text
 from ..dataset import MeshFile, content_hash, file_stamp
 from ..errors import StoreError
@@ -65,6 +66,30 @@ class Stored(NamedTuple):
         return cls(pipeline == current or fingerprint.matches(pipeline), payload.get("dataset"),
                    payload.get("content_hash"), tuple(payload.get(key) for key in STAMP_FIELDS), pose.get("up"),
                    tuple(pose["evidence"]) if pose.get("evidence") else None, pose.get("model"))
+
+    @classmethod
+    def written(cls, payload: dict) -> "Stored":
+        """A point this sync wrote (fresh by construction: made with its collection's fingerprint)."""
+        return cls.of(payload, None, payload.get("pipeline"))  # type: ignore[arg-type]  (never compared)
+
+    def row(self) -> list:
+        """As the sync manifest keeps it (JSON)."""
+        return [self.fresh, self.dataset, self.content_hash, list(self.stamp), self.up,
+                None if self.evidence is None else list(self.evidence), self.model]
+
+    @classmethod
+    def from_row(cls, row: list) -> "Stored":
+        fresh, dataset, content_hash, stamp, up, evidence, model = row
+        return cls(bool(fresh), dataset, content_hash, tuple(stamp), up,
+                   None if evidence is None else tuple(float(x) for x in evidence), model)
+
+    def restamped(self, keys: dict) -> "Stored":
+        """After plan.restamp's keys were merged into the point's payload (a new stamp, a pose measured again)."""
+        pose = keys.get("pose")
+        return self._replace(
+            stamp=tuple(keys.get(k, old) for k, old in zip(STAMP_FIELDS, self.stamp)),
+            **({} if pose is None else {"up": pose.get("up"), "model": pose.get("model"),
+                                        "evidence": tuple(pose["evidence"]) if pose.get("evidence") else None}))
 
 
 @dataclass(frozen=True)
@@ -128,17 +153,31 @@ def group_by_encoder(targets: dict[str, Target]) -> dict[str, tuple[Any, list[Ta
 
 
 def prepare_collections(session: Session, targets: dict[str, Target], rebuild: bool,
-                        index: IndexSettings = IndexSettings()) -> tuple[dict[str, dict[str, Stored]], dict[str, str]]:
+                        index: IndexSettings = IndexSettings()) -> tuple[dict[str, dict[str, Stored]], dict[str, str], set[str]]:
     """Create missing collections; refuse ones made with other settings, or with rebuild start a new
     version of each (readers keep the complete old one until finalize publishes the new one).
     Returns what each collection (or its new version) holds: point id -> what decides freshness
-    (read page by page, kept compact); and collection -> the version being built in its place."""
+    (from its sync manifest where one vouches for it, else read page by page, kept compact); collection
+    -> the version being built in its place; and the collections whose manifest was used."""
     known: dict[str, dict[str, Stored]] = {}
     shared: dict[Any, Any] = {}  # one copy of each id and each Stored across collections
     versions: dict[str, str] = {}
+    trusted: set[str] = set()
     existing = set(session.collections())
     for name, target in targets.items():
         encoder, fp = target.encoder, target.fingerprint
+        current = fp.to_payload()
+        saved = _from_manifest(session, name, current, shared) if name in existing and not rebuild else None
+        if saved is not None:  # made for this fingerprint: only the vectors' shape and index settings to compare
+            held = (session.vectors.dim(name), session.vectors.views(name))
+            index_differs = index.differences(session.vectors.index_info(name).settings)
+            if held != (encoder.dim, target.views) or index_differs:
+                diff = "; ".join(index_differs or [f"vectors {shape_text(*held)} -> {shape_text(encoder.dim, target.views)}"])
+                raise StoreError(f"collection {name} was built with other settings ({diff}); "
+                                 "run again with --rebuild to replace it")
+            known[name] = saved
+            trusted.add(name)
+            continue
         if name in existing:
             stored = session.fingerprint(name)
             held = (session.vectors.dim(name), session.vectors.views(name))
@@ -158,7 +197,6 @@ def prepare_collections(session: Session, targets: dict[str, Target], rebuild: b
         where = versions.get(name, name)
         session.vectors.ensure_collection(where, target.dim, index, views=target.views)
         known[name] = {}
-        current = fp.to_payload()
         for rec in session.vectors.records(where, fields=SYNC_FIELDS, vectors=True):  # streamed, page by page
             if is_unit(rec.vector):
                 stored = Stored.of(rec.payload, fp, current)
@@ -166,7 +204,33 @@ def prepare_collections(session: Session, targets: dict[str, Target], rebuild: b
             else:  # every stored vector is unit length; anything else is damage: embed it again
                 log.warning("%s: point %s (%s) has a damaged vector; it will be embedded again",
                             name, rec.id, rec.payload.get("path"))
-    return known, versions
+    return known, versions, trusted
+
+
+def _from_manifest(session: Session, name: str, pipeline: dict, shared: dict) -> dict[str, Stored] | None:
+    """A collection's points as its sync manifest holds them, or None where none vouches for it now."""
+    rows = manifest.read(session, name, pipeline)
+    if rows is None:
+        return None
+    try:
+        out = {}
+        for pid, row in rows.items():
+            stored = Stored.from_row(row)
+            out[shared.setdefault(pid, pid)] = shared.setdefault(stored, stored)
+        return out
+    except (TypeError, ValueError):  # a manifest of another format: the points themselves decide
+        return None
+
+
+def manifest_rows(plan: Plan, known: dict[str, Stored], name: str, written: dict[str, Stored],
+                  gone: set[str]) -> dict[str, list]:
+    """A collection's manifest after the sync: what the plan read, with this run's restamps, writes
+    and deletions applied."""
+    restamp = plan.restamp.get(name, {})
+    rows = {pid: (rec.restamped(restamp[pid]) if pid in restamp else rec).row()
+            for pid, rec in known.items() if pid not in gone}
+    rows.update((pid, rec.row()) for pid, rec in written.items() if pid not in gone)
+    return rows
 
 
 def plan_sync(files: list[MeshFile], known: dict[str, dict[str, Stored]], targets: dict[str, Target],

@@ -26,7 +26,7 @@ from ..orientation import pose
 from ..render import MIN_COVERAGE, coverage, create_renderer, posed, shown
 from ..schemas import object_payload
 from ..store import Session
-from .plan import RenderSpec, Target, Task
+from .plan import RenderSpec, Stored, Target, Task
 
 log = logging.getLogger("m3d")
 
@@ -187,6 +187,9 @@ class Writer(threading.Thread):
         self.inbox: queue.Queue = queue.Queue(maxsize=64)
         self.error: BaseException | None = None
         self._buffers: dict[str, tuple[list, list, list]] = {}
+        # collection -> id -> what the sync manifest keeps of each point written (one copy per distinct value)
+        self.written: dict[str, dict[str, Stored]] = {}
+        self._shared: dict[Stored, Stored] = {}
 
     def put(self, points: Points) -> None:
         if self.error is not None:
@@ -220,6 +223,10 @@ class Writer(threading.Thread):
         if ids:
             start = time.perf_counter()
             self.session.upsert(self.routes.get(name, name), ids, np.concatenate(vectors), payloads)
+            rows = self.written.setdefault(name, {})
+            for pid, payload in zip(ids, payloads):
+                stored = Stored.written(payload)
+                rows[pid] = self._shared.setdefault(stored, stored)
             self.stats.write += time.perf_counter() - start
             log.info("upserted %d points into %s", len(ids), name)
 
