@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -38,21 +39,27 @@ def _sample_views(args: argparse.Namespace, objects: int) -> np.ndarray:
 
 
 def render_stream(args: argparse.Namespace) -> dict:
-    """The sync's render stage alone (load, hash, render, blank check in the worker processes)."""
+    """The sync's render stage alone (load, hash, render, blank check in the worker processes), after
+    the up-axis evidence pass the sync runs first (timed as its own line): the workers get the plan's
+    decisions, as in a sync, instead of measuring evidence themselves."""
     from m3d.meshio import DEFAULT_MAX_FACES
     from m3d.pipeline.engines.local import auto_workers, render_stream as stream
-    from m3d.pipeline.plan import RenderSpec, Task
+    from m3d.pipeline.plan import Plan, RenderSpec, Task, plan_orientation
     from m3d.render import ViewSettings
 
     import torch  # only to ask whether the sync would encode on a GPU (then it leaves a core to feed it)
 
-    tasks = [Task(f, frozenset()) for f in _files(args)]
-    spec = RenderSpec(ViewSettings(size=args.size, renderer=args.renderer), DEFAULT_MAX_FACES)
+    files = _files(args)
+    spec = RenderSpec(ViewSettings(size=args.size, renderer=args.renderer, up=args.up), DEFAULT_MAX_FACES)
     workers = auto_workers(not torch.cuda.is_available()) if args.workers is None else args.workers
+    plan = Plan([Task(f, frozenset()) for f in files], [], spec)
+    start = time.perf_counter()
+    plan_orientation(plan, files, {}, {}, (os.cpu_count() or 1) if args.workers is None else args.workers)  # as sync()
+    evidence_s = time.perf_counter() - start
     start, cpu_start = time.perf_counter(), time.process_time()
     views = objects = failed = 0
     busy = 0.0
-    for item in stream(tasks, spec, workers):
+    for item in stream(plan.tasks, spec, workers):
         busy += item.seconds
         if item.views is None:
             failed += 1
@@ -63,7 +70,8 @@ def render_stream(args: argparse.Namespace) -> dict:
     main_cpu = time.process_time() - cpu_start  # receiving the views from the workers (pipes + unpickling)
     return {"objects": objects, "failed": failed, "views": views, "workers": workers, "seconds": seconds,
             "views_per_s": views / seconds, "objects_per_s": objects / seconds, "worker_busy_s": busy,
-            "main_cpu_ms_per_object": 1e3 * main_cpu / max(objects + failed, 1)}
+            "main_cpu_ms_per_object": 1e3 * main_cpu / max(objects + failed, 1), "up": args.up,
+            "evidence_s": evidence_s, "evidence_objects_per_s": len(files) / evidence_s if evidence_s > 0 else None}
 
 
 def render_cost(args: argparse.Namespace) -> dict:
@@ -164,6 +172,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--renderer", default="moderngl")
+    ap.add_argument("--up", default="auto", help="render-stream: the sync's --up (auto runs its evidence pass first)")
     ap.add_argument("--renderers", nargs="+", default=["moderngl", "raycast"])
     ap.add_argument("--workers", type=int)
     ap.add_argument("--sizes", type=int, nargs="+", default=[224, 1024])
