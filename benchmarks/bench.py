@@ -442,6 +442,11 @@ def markdown(results: dict) -> str:
                 runs = modes[key].get("repeats")
                 note = f" (median of {', '.join(f'{v:.0f}' for v in runs)})" if runs else ""
                 lines.append(f"| {key} ({who}) | {r['objects']} | {_f(r['views_per_s'])}{note} | {r.get('workers', 1)} |")
+        for key in ("render/m3d-all", "render/m3d-subset"):  # the sync's evidence pass, before its render stream
+            r = modes.get(key, {}).get("result", {})
+            if r.get("evidence_s") is not None:
+                lines.append(f"| {key}: up evidence pass (--up {r['up']}, before the render stream) | {r['objects']} | "
+                             f"{_f(r['evidence_objects_per_s'])} objects/s ({_f(r['evidence_s'])} s) | |")
         if "render_ratio" in s:
             lines.append(f"\nm3d / reference renderer on the same meshes: **{s['render_ratio']:.1f}x**")
         lines.append("")

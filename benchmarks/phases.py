@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,6 +47,7 @@ def render_stream(args: argparse.Namespace) -> dict:
     from m3d.pipeline.engines.local import auto_workers, render_stream as stream
     from m3d.pipeline.plan import Plan, RenderSpec, Task, plan_orientation
     from m3d.render import ViewSettings
+    from m3d.store import open_session
 
     import torch  # only to ask whether the sync would encode on a GPU (then it leaves a core to feed it)
 
@@ -54,7 +56,9 @@ def render_stream(args: argparse.Namespace) -> dict:
     workers = auto_workers(not torch.cuda.is_available()) if args.workers is None else args.workers
     plan = Plan([Task(f, frozenset()) for f in files], [], spec)
     start = time.perf_counter()
-    plan_orientation(plan, files, {}, {}, (os.cpu_count() or 1) if args.workers is None else args.workers)  # as sync()
+    with tempfile.TemporaryDirectory() as tmp, open_session(Path(tmp) / "store") as session:  # an empty store
+        plan_orientation(plan, files, {}, {}, (os.cpu_count() or 1) if args.workers is None else args.workers,
+                         session, files[0].dataset)  # as sync() runs it
     evidence_s = time.perf_counter() - start
     start, cpu_start = time.perf_counter(), time.process_time()
     views = objects = failed = 0
