@@ -342,6 +342,6 @@ def test_every_store_write_takes_the_write_side() -> None:
     from m3d.connector.guard import WRITES
 
     reads = {"collections", "index_info", "physical", "dim", "views", "require_space", "count", "records",
-             "retrieve", "generation", "metadata", "search", "facet", "problems"}
+             "retrieve", "generation", "metadata", "signature", "search", "facet", "problems"}
     methods = {n for n in vars(VectorStore) if not n.startswith("_") and callable(getattr(VectorStore, n))}
     assert methods - reads == WRITES, methods ^ (reads | WRITES)
