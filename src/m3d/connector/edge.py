@@ -41,12 +41,13 @@ MARGIN_BYTES = 8 << 20
 NEW_SHARD_BYTES = 16 << 20
 META_PREFIX = "m3d_"  # keys of set_metadata in m3d.json, apart from the store's own (dim, index, generation)
 ALIASES = "aliases.json"  # collection name -> the version directory readers use
-#: Shard files the engine rewrites whenever it opens a shard, even to read: memory-mapped flags, trackers
-#: and the journals it keeps of them until closed, status words, its own config, and the point versions it
-#: rewrites on the first open after a delete. They are left out of a collection's signature; every other
-#: file (vectors, payload pages, id mappings, WAL, HNSW graphs) moves only with a write, or with damage.
-VOLATILE = frozenset({"tracker.dat", "tracker_journal.dat", "flags_a.dat", "flags_b.dat", "status.dat", "segment.json",
-                      "edge_config.json", "mutable_id_tracker.versions"})
+#: Shard files the engine rewrites whenever it opens a shard, even to read: memory-mapped flags (an indexed
+#: segment's deleted.dat among them), trackers and the journals it keeps of them until closed, status words,
+#: its own config, and the point versions it rewrites on the first open after a delete. They are left out of
+#: a collection's signature; every other file (vectors, payload pages, id mappings, WAL, HNSW graphs) moves
+#: only with a write, or with damage.
+VOLATILE = frozenset({"tracker.dat", "tracker_journal.dat", "flags_a.dat", "flags_b.dat", "deleted.dat", "status.dat",
+                      "segment.json", "edge_config.json", "mutable_id_tracker.versions"})
 T = TypeVar("T")
 log = logging.getLogger("m3d")
 
