@@ -184,8 +184,17 @@ def test_no_process_outlives_a_sync_killed_while_its_workers_start(tree, tmp_pat
     deadline = time.monotonic() + 120
     while after == "child" and not parent.children() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    time.sleep(delay)
-    started = parent.children(recursive=True)
+    seen: dict[int, psutil.Process] = {}  # every process the sync started until the kill, gone or not
+    until = time.monotonic() + delay
+    while True:
+        try:
+            seen.update((c.pid, c) for c in parent.children(recursive=True))
+        except psutil.NoSuchProcess:
+            break
+        if time.monotonic() >= until:
+            break
+        time.sleep(0.02)
+    started = list(seen.values())
     assert started or after == "start", "the sync started no process"
     proc.kill()
     proc.wait(timeout=30)

@@ -320,7 +320,7 @@ def test_uncached_hub_id_fails_at_once_without_network(tmp_path: Path, ckpts: di
     msg = result["error"]
     assert msg and "\n" not in msg
     assert "facebook/dinov2-small" in msg and "not available offline" in msg
-    assert "huggingface-cli download facebook/dinov2-small" in msg and "`hog`" in msg and "local checkpoint" in msg
+    assert "`hf download facebook/dinov2-small`" in msg and "`hog`" in msg and "local checkpoint" in msg
     assert len(result["attempts"]) <= 1  # at most one reachability probe, no download retries
     cached = (result["name"], result["model_id"], result["shape"])
     assert cached == ("m3d_test_tiny_dinov2", "m3d-test/tiny-dinov2", [1, 32])
