@@ -129,3 +129,15 @@ def plant_copy(src: Path, dest_stem: Path, kind: str, seed: int = 0) -> Path:
         return write_mesh(Mesh(v.astype(np.float32), f.astype(np.int32)), dest)
     trimesh.Trimesh(v, f, process=False).export(dest)
     return dest
+
+
+def wait_for_first_write(proc) -> None:
+    """Read a `m3d -v sync` process's stderr until its first upsert (the moment a kill tests a crash
+    mid-sync); fail the test if the sync ends first."""
+    import pytest
+
+    for line in proc.stderr:
+        if "upserted" in line:
+            return
+    proc.wait()
+    pytest.fail("the sync ended before its first write")

@@ -19,7 +19,7 @@ from m3d.pipeline.engines import CRASHED
 from m3d.pipeline.stages import CRASH_ENV
 from m3d.store import open_session
 
-from helpers import make_tree
+from helpers import make_tree, wait_for_first_write
 
 CLASSES = {"Airplane": 3, "Chair": 3, "Cup": 3}
 ARGS = dict(encoders=("hog",), pools=("mean", "attn", "views"), batch_size=16)
@@ -113,12 +113,7 @@ def test_kill_9_of_the_driver_then_the_same_command_converges(ray_cluster, tree,
            "--workers", "2", "--encoders", "hog", "--pools", "mean,attn", "--batch-size", "16"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ray_cluster})
-    for line in proc.stderr:
-        if "upserted" in line:
-            break
-    else:
-        proc.wait()
-        pytest.fail("the sync ended before its first write")
+    wait_for_first_write(proc)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
     with open_session(store) as session:

@@ -28,7 +28,7 @@ from m3d.pipeline.engines.ray import TOKEN_NOTICE, _DropTokenNotice
 from m3d.render import ViewSettings
 from m3d.store import open_session
 
-from helpers import make_tree
+from helpers import make_tree, wait_for_first_write
 
 CLASSES = {"Airplane": 2, "Chair": 2, "Cup": 2}
 VIEW = ViewSettings(views=4, size=128)  # 196 KB of views per object: in the object store, not inlined (100 KB)
@@ -125,12 +125,7 @@ def test_a_finished_sync_leaves_no_ray_process_and_no_ray_notice(tree, tmp_path)
 def test_kill_9_of_a_driver_that_started_its_own_ray_leaves_no_ray_process(tree, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "m3d.cli", "-v", "sync", str(tree), "--store", str(tmp_path / "s"),
                              *CLI], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_cli_env())
-    for line in proc.stderr:
-        if "upserted" in line:
-            break
-    else:
-        proc.wait()
-        pytest.fail("the sync ended before its first write")
+    wait_for_first_write(proc)
     family = _ray_family(proc.pid)
     names = " ".join(map(_cmd, family))
     assert "m3d.pipeline.engines.ray" in names and "raylet" in names  # Ray was running under the driver
